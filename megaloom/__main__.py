@@ -1,0 +1,5 @@
+import sys
+
+from megaloom.cli import main
+
+sys.exit(main())

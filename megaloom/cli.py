@@ -1,0 +1,167 @@
+"""The `megaloom` command. The environment is read here, at the edge, and nowhere deeper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from megaloom.config import Config, ConfigError, describe, load_config
+from megaloom.data.sources import DataError
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+
+
+def cache_root() -> Path:
+    """MEGALOOM_CACHE, else $XDG_CACHE_HOME/megaloom, else ~/.cache/megaloom."""
+    if os.environ.get("MEGALOOM_CACHE"):
+        return Path(os.environ["MEGALOOM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megaloom"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML config file (e.g. configs/debug.toml); defaults apply without one")
+    p.add_argument("--config", dest="config_flag", metavar="FILE", help="the same, as a flag")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=50 (repeatable)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if args.config and args.config_flag and args.config != args.config_flag:
+        raise ConfigError(f"two config files given ('{args.config}' and --config '{args.config_flag}'); pass one")
+    return load_config(args.config or args.config_flag, args.overrides)
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megaloom.data.corpus import ensure_corpus
+    from megaloom.observe.progress import Console
+    from megaloom.train.trainer import Trainer
+
+    cfg = _load(args)
+    console = Console()
+    name = Path(args.config or args.config_flag or "default").stem
+    run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    corpus = ensure_corpus(cfg.data, cache_root(), progress=lambda msg: console.print(f"    data  {msg}"))
+    Trainer(cfg, run_dir, corpus, console).run()
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from megaloom.data.corpus import ensure_corpus
+
+    cfg = _load(args)
+    if args.out:
+        cfg.data.dir = args.out
+    info = ensure_corpus(cfg.data, cache_root(), progress=lambda msg: print(f"data: {msg}", flush=True))
+    print(f"corpus {info.directory}: {info.train_tokens:,} train tokens in {info.train_docs:,} documents, "
+          f"{info.val_tokens:,} validation tokens in {info.val_docs:,} documents, "
+          f"{info.tokenizer} tokenizer with {info.vocab_size} tokens ({info.dtype})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from megaloom.model.pretrained import generate_text
+
+    texts = generate_text(Path(args.checkpoint), args.prompt, num_samples=args.num_samples,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, device=args.device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"----- sample {i + 1}")
+        print(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from megaloom.observe.plots import plot_loss
+
+    out = plot_loss([Path(r) for r in args.run_dirs], Path(args.output))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from megaloom.perf.report import info_report, render_info
+
+    cfg = _load(args)
+    report = info_report(cfg, recompute=args.recompute)
+    print(json.dumps(report, indent=2) if args.json else render_info(report))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megaloom", description="Train transformer language models, "
+                                     "from one CPU to thousands of GPUs.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("train", help="train a model from a config", description="Train a model. Prepares the "
+                         "corpus on first use, writes metrics.jsonl, TensorBoard logs, checkpoints and loss.png "
+                         "into the run directory.")
+    _config_args(p)
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<config>-<time>)")
+    p.set_defaults(func=cmd_train)
+
+    data = verbs.add_parser("data", help="corpus preparation").add_subparsers(dest="data_verb", metavar="ACTION",
+                                                                                required=True)
+    p = data.add_parser("prepare", help="tokenize text files, directories or JSONL into a corpus",
+                        description="Tokenize data.sources into flat token files plus a document index, "
+                                    "with a deterministic train/validation split.")
+    _config_args(p)
+    p.add_argument("--out", metavar="DIR", help="corpus directory (same as --set data.dir=DIR)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = verbs.add_parser("generate", help="sample text from a checkpoint",
+                         description="Sample text from a checkpoint (or the newest checkpoint of a run directory).")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("plot", help="loss curves of run directories to a PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="loss.png", help="PNG file to write (default loss.png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = verbs.add_parser("info", help="parameters, FLOPs per token and memory estimate of a config")
+    _config_args(p)
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                   help="activation recomputation assumed by the memory estimate")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "help_config", False):
+        print(describe())
+        return 0
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"megaloom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("megaloom: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Typed configuration: dataclasses, TOML files, `--set section.key=value` overrides, validation.
+
+Every field has a docstring-like `help` in its metadata; `megaloom train --help-config` prints them.
+Bad input raises `ConfigError` with one line naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["gpt2", "llama"] = _f(
+        "gpt2",
+        "gpt2: LayerNorm, GeLU MLP, learned positions, tied embeddings; "
+        "llama: RMSNorm, SwiGLU, rotary positions, grouped-query attention, untied head",
+    )
+    layers: int = _f(4, "number of transformer layers (l)")
+    hidden: int = _f(256, "hidden size (h)")
+    heads: int = _f(4, "attention heads (a)")
+    kv_heads: int = _f(0, "key/value heads for grouped-query attention (llama); 0 = heads")
+    ffn_hidden: int = _f(0, "MLP inner width; 0 = 4h (gpt2) or 8h/3 rounded up to 64 (llama)")
+    vocab_size: int = _f(4096, "embedding rows (V); must be >= the tokenizer's vocabulary")
+    seq_len: int = _f(256, "sequence length (s) used in training and the model's maximum context")
+    dropout: float = _f(0.0, "dropout probability on attention output, MLP output and embeddings")
+    norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
+    rope_theta: float = _f(10000.0, "rotary base frequency (llama)")
+    init_std: float = _f(0.02, "std of the normal initialisation; residual outputs use std/sqrt(2l)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def ffn(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.family == "gpt2":
+            return 4 * self.hidden
+        return 64 * ((8 * self.hidden // 3 + 63) // 64)
+
+    @property
+    def tied(self) -> bool:
+        return self.family == "gpt2"
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = _f(["stdlib"], 'text files, directories or .jsonl files; "stdlib" = the Python standard library')
+    tokenizer: Literal["bpe", "gpt2"] = _f("bpe", "bpe: byte-level BPE trained locally; gpt2: GPT-2's BPE ranks")
+    vocab_size: int = _f(4096, "vocabulary size of the locally trained BPE")
+    gpt2_ranks: str = _f("", "path to gpt2.tiktoken (tokenizer = gpt2)")
+    dir: str = _f("", "prepared corpus directory; empty = a cache directory keyed by the data settings")
+    val_fraction: float = _f(0.005, "fraction of documents held out for validation")
+    max_bytes: int = _f(0, "stop reading sources after this many bytes of text; 0 = no limit")
+    bpe_train_bytes: int = _f(8_000_000, "bytes of training text used to train the BPE")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(200, "optimizer steps")
+    global_batch: int = _f(16, "sequences per optimizer step, across all data-parallel ranks")
+    micro_batch: int = _f(16, "sequences per forward/backward pass; global_batch / (micro_batch*dp) = accumulation steps")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
+    warmup: int = _f(20, "linear warm-up steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; not norms, biases)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    seed: int = _f(1234, "seed of initialisation, data order and dropout")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)")
+    eval_every: int = _f(100, "steps between validation runs; 0 = only at the end")
+    eval_batches: int = _f(8, "micro-batches per validation run")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    compile: bool = _f(False, "torch.compile the model")
+    samples: int = _f(0, "text samples to generate and print at the end of training")
+    sample_tokens: int = _f(64, "tokens per end-of-training sample")
+    sample_prompts: list[str] = _f(["def ", "class ", "import "], "prompts of the end-of-training samples, used in turn")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = _f(1, "tensor-parallel size")
+    pp: int = _f(1, "pipeline-parallel size")
+    dp: int = _f(1, "data-parallel size")
+    schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = _f("1f1b", "pipeline schedule")
+    chunks: int = _f(1, "model chunks per pipeline rank (interleaved schedule)")
+    zero: int = _f(0, "ZeRO stage 0-3")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "steps between checkpoints; 0 = only at the end")
+    keep: int = _f(2, "checkpoints to keep")
+    load: str = _f("", "checkpoint or run directory to start from")
+
+
+@dataclass
+class LogConfig:
+    every: int = _f(10, "steps between metrics.jsonl rows")
+    progress: bool = _f(True, "live progress bar on the terminal")
+    tensorboard: bool = _f(True, "write TensorBoard event files in the run directory")
+    plot: bool = _f(True, "write loss.png in the run directory at the end")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then `section.key=value` overrides, then validation."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+    cfg = Config()
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section!r}: expected a [{section}] table, got {values!r}; write it as [{section}] with keys below")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass a TOML file such as configs/debug.toml")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`section.key=value`; the value is read as a TOML value, else taken as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.steps=50")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} in {dotted!r}{_suggest(section, SECTIONS)}")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(f"unknown config key {dotted!r}{_suggest(key, hints, prefix=section + '.')}")
+    setattr(sub, key, coerce(dotted, value, hints[key]))
+
+
+def _suggest(name: str, options: Any, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    valid = ", ".join(prefix + o for o in options)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {valid}"
+
+
+def coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check `value` against the field type; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {' | '.join(map(str, choices))}; pick one of those")
+        return value
+    if origin in (list,):
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, str):  # `--set data.sources=path` means a one-element list
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r} should be a list of {item_type.__name__}, e.g. {key}=[...]")
+        return [coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {typ}")  # not used by any field
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r} should be true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r} should be a whole number")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} = {value!r} should be a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} = {value!r} should be a string, e.g. {key}=\"...\"")
+    raise TypeError(f"unsupported config type {typ}")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and contradictions; one line per problem, first problem wins."""
+    m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
+    _positive(cfg, "model.layers", "model.hidden", "model.heads", "model.vocab_size", "model.seq_len")
+    _positive(cfg, "train.steps", "train.global_batch", "train.micro_batch", "train.eval_batches",
+              "train.sample_tokens", "parallel.tp", "parallel.pp", "parallel.dp", "parallel.chunks",
+              "data.vocab_size", "log.every", "checkpoint.keep")
+    _non_negative(cfg, "model.kv_heads", "model.ffn_hidden", "train.warmup", "train.eval_every",
+                  "train.samples", "train.grad_clip", "train.weight_decay", "train.min_lr",
+                  "checkpoint.every", "data.max_bytes", "data.bpe_train_bytes")
+    if m.hidden % m.heads:
+        raise ConfigError(f"model.hidden ({m.hidden}) must be a multiple of model.heads ({m.heads}); "
+                          f"try model.heads={_divisor_near(m.hidden, m.heads)}")
+    if m.kv_heads and m.family == "gpt2" and m.kv_heads != m.heads:
+        raise ConfigError(f"model.kv_heads = {m.kv_heads}: grouped-query attention needs model.family=\"llama\"; "
+                          "set model.kv_heads=0 for gpt2")
+    if m.heads % m.n_kv_heads:
+        raise ConfigError(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads}); "
+                          f"try model.kv_heads={_divisor_near(m.heads, m.n_kv_heads)}")
+    if m.family == "llama" and m.head_dim % 2:
+        raise ConfigError(f"rotary embeddings need an even head size, got hidden/heads = {m.head_dim}; change model.heads")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout = {m.dropout} must be in [0, 1)")
+    if not 0.0 < t.lr < 1.0:
+        raise ConfigError(f"train.lr = {t.lr} must be in (0, 1); typical values are 1e-4 .. 3e-3")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+    per_step = t.micro_batch * p.dp
+    if t.global_batch % per_step:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) "
+                          f"x parallel.dp ({p.dp}) = {per_step}; try train.global_batch={per_step * max(1, t.global_batch // per_step)}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
+    if d.tokenizer == "bpe" and d.vocab_size > m.vocab_size:
+        raise ConfigError(f"data.vocab_size ({d.vocab_size}) exceeds model.vocab_size ({m.vocab_size}); "
+                          f"set model.vocab_size={d.vocab_size} or larger")
+    if d.tokenizer == "gpt2" and m.vocab_size < 50257:
+        raise ConfigError(f"data.tokenizer = \"gpt2\" has 50257 tokens but model.vocab_size = {m.vocab_size}; "
+                          "set model.vocab_size=50304")
+    if t.samples and not t.sample_prompts:
+        raise ConfigError("train.sample_prompts is empty while train.samples > 0; give a prompt, e.g. [\"def \"]")
+    if not d.sources:
+        raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
+    if (p.tp, p.pp, p.dp, p.zero, p.chunks) != (1, 1, 1, 0, 1):
+        raise ConfigError(f"parallel.tp/pp/dp/zero/chunks = {p.tp}/{p.pp}/{p.dp}/{p.zero}/{p.chunks}: "
+                          "this version trains on one device only; set them to 1/1/1/0/1")
+    dev = t.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"train.device = {dev!r} is not auto, cpu, cuda or cuda:N")
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for k in keys:
+        v = get_value(cfg, k)
+        if v <= 0:
+            raise ConfigError(f"{k} = {v} must be positive")
+
+
+def _non_negative(cfg: Config, *keys: str) -> None:
+    for k in keys:
+        v = get_value(cfg, k)
+        if v < 0:
+            raise ConfigError(f"{k} = {v} must not be negative")
+
+
+def _divisor_near(n: int, want: int) -> int:
+    divisors = [x for x in range(1, n + 1) if n % x == 0]
+    return min(divisors, key=lambda x: (abs(x - want), x))
+
+
+def get_value(cfg: Config, dotted: str) -> Any:
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(cfg, section), key)
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (written into every run directory)."""
+    lines: list[str] = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def describe() -> str:
+    """Every key with its type, default and help, for `--help-config` and the docs."""
+    out = []
+    for section, typ in SECTIONS.items():
+        out.append(f"[{section}]")
+        hints = typing.get_type_hints(typ)
+        for f in dataclasses.fields(typ):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            typ_ = hints[f.name]
+            if typing.get_origin(typ_) is Literal:
+                tname = " | ".join(typing.get_args(typ_))
+            else:
+                tname = getattr(typ_, "__name__", str(typ_))
+            out.append(f"  {section}.{f.name} ({tname}, default {_toml_value(default)}): {f.metadata['help']}")
+    return "\n".join(out)

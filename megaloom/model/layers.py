@@ -1,0 +1,143 @@
+"""Transformer building blocks: norms, attention (MHA / GQA, rotary or learned positions), MLPs.
+
+Written as plain single-device PyTorch. Parallel versions of the linear layers replace these modules
+from outside (DESIGN principle 4); parameter names here are the canonical, layout-independent names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaloom.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "gpt2":
+        return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+
+
+def rotary_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (seq_len, head_dim), half-split layout (as Llama / Hugging Face use)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, hd); cos/sin: (T, hd). Rotates pairs (i, i + hd/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to `max_len`."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens already stored (the position of the next token)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; cannot append up to position {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal self-attention. `qkv` is one fused GEMM whose rows are [q heads; k heads; v heads]."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.family == "gpt2"
+        self.qkv = nn.Linear(cfg.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=bias)
+        self.dropout = cfg.dropout
+        self.rotary = cfg.family == "llama"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        start = cache.length if cache is not None else 0
+        if self.rotary:
+            cos, sin = rope[0][start:start + T], rope[1][start:start + T]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(T, k.shape[2], x.device),
+            is_causal=k.shape[2] == T and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    """None where SDPA's own flags suffice: no cache (is_causal) or one new token (sees everything).
+    Otherwise a bottom-right aligned boolean mask (SDPA's is_causal is top-left aligned)."""
+    if q_len == k_len or q_len == 1:
+        return None
+    offset = k_len - q_len
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class MLP(nn.Module):
+    """GPT-2: up -> GeLU(tanh) -> down. Llama: `up` is the fused [gate; up] GEMM -> SiLU(gate)*up -> down."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.family == "llama"
+        bias = not self.swiglu
+        self.up = nn.Linear(cfg.hidden, cfg.ffn * (2 if self.swiglu else 1), bias=bias)
+        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """GPT-2's scaled init of the projections that write into the residual stream: std / sqrt(2l)."""
+    return cfg.init_std / math.sqrt(2 * cfg.layers)

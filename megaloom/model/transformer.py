@@ -1,0 +1,77 @@
+"""The decoder-only transformer of both families (GPT-2 style and Llama style).
+
+Layers live in a ModuleDict keyed by their global index, so a slice of the model (a pipeline stage)
+keeps the same parameter names as the full model and checkpoints stay layout independent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaloom.config import ModelConfig
+from megaloom.model.layers import Block, KVCache, make_norm, rotary_tables
+
+
+class Embedding(nn.Module):
+    """Token embedding, plus learned positions for GPT-2 style models."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.hidden) if cfg.family == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.tok(tokens)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
+        return self.drop(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.layers)})
+        self.norm = make_norm(cfg)
+        # GPT-2 ties the output projection to the token embedding; Llama has its own head.
+        self.head = None if cfg.tied else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.family == "llama":
+            cos, sin = rotary_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.rope_cos, self.rope_sin) if self.cfg.family == "llama" else None
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.tok.weight if self.head is None else self.head.weight
+
+    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        if start + tokens.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds model.seq_len ({self.cfg.seq_len})")
+        x = self.embed(tokens, start)
+        rope = self.rope
+        for block in self.layers.values():
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) without targets; the mean next-token cross entropy (fp32) with them."""
+        logits = F.linear(self.hidden_states(tokens, cache), self.output_weight())
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return KVCache(self.cfg, batch, max_len or self.cfg.seq_len, p.device, dtype)

@@ -1,0 +1,1 @@
+"""Observability: metrics.jsonl, TensorBoard, the console progress bar, plots."""

@@ -1,0 +1,93 @@
+"""Single-process checkpoints: written atomically, newest selected through a `latest` pointer.
+
+Layout of `<run>/checkpoints/step_00000200/`:
+  model.safetensors   weights under their canonical (layout-independent) names, fp32
+  train_state.pt      optimizer, loss scaler, RNG states, data-loader position, step
+  config.toml         the resolved config of the run
+The directory is written under a temporary name, fsynced and renamed; `latest` is updated last, so
+a crash while saving leaves the previous checkpoint intact and selected.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CKPT_DIR = "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], config_toml: str,
+                    keep: int = 2) -> Path:
+    root = run_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # tied weights share storage; safetensors stores each tensor once, so clone to plain tensors
+    weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in model_state(model).items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    torch.save(train_state, tmp / "train_state.pt")
+    (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
+    for f in tmp.iterdir():
+        _fsync(f)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    _write_atomic(root / "latest", final.name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical weights: the tied GPT-2 head is the embedding, stored once as `embed.tok.weight`."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the newest one of a run directory."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    pointer = path / CKPT_DIR / "latest"
+    if pointer.is_file():
+        ckpt = path / CKPT_DIR / pointer.read_text().strip()
+        if (ckpt / "model.safetensors").is_file():
+            return ckpt
+    raise FileNotFoundError(f"'{path}' holds no checkpoint (no model.safetensors, no {CKPT_DIR}/latest); "
+                            "pass a run directory that has finished at least one save")
+
+
+def load_weights(model: nn.Module, ckpt: Path) -> None:
+    state = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = getattr(model, "_orig_mod", model).load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt / "train_state.pt", weights_only=False)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,49 @@
+"""One optimizer step over a list of micro-batches: gradient accumulation, loss scaling, clipping."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megaloom.train.precision import DynamicLossScaler, autocast
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss over the micro-batches, still on the device (no host sync)
+    grad_norm: torch.Tensor  # global L2 norm before clipping; nan when the step was skipped
+    skipped: bool  # fp16 overflow: the optimizer did not step
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[tuple[torch.Tensor, torch.Tensor]],
+               *, precision: str = "fp32", scaler: DynamicLossScaler | None = None, grad_clip: float = 0.0) -> StepResult:
+    """Accumulate gradients of the mean loss over equal-sized micro-batches, then step.
+
+    Each micro-batch loss is divided by their number, so k micro-batches of b sequences give the
+    gradient of one batch of k·b sequences (the same tokens per micro-batch make the means agree).
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for x, y in microbatches:
+        with autocast(precision, device):
+            loss = model(x, y)
+        total += loss.detach().float()
+        scaled = loss / len(microbatches)
+        if scaler is not None:
+            scaled = scaler.scale_loss(scaled)
+        scaled.backward()
+    skipped = False
+    if scaler is not None:
+        skipped = scaler.unscale_(params)
+        scaler.update(skipped)
+    if skipped:
+        return StepResult(total / len(microbatches), torch.tensor(math.nan), True)
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    optimizer.step()
+    return StepResult(total / len(microbatches), grad_norm, False)
