@@ -96,7 +96,8 @@ class TrainConfig:
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
     seed: int = _f(1234, "seed of initialisation, data order and dropout")
-    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)")
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)")
     eval_every: int = _f(100, "steps between validation runs; 0 = only at the end")
     eval_batches: int = _f(8, "micro-batches per validation run")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
@@ -120,7 +121,6 @@ class ParallelConfig:
 class CheckpointConfig:
     every: int = _f(0, "steps between checkpoints; 0 = only at the end")
     keep: int = _f(2, "checkpoints to keep")
-    load: str = _f("", "checkpoint or run directory to start from")
 
 
 @dataclass
@@ -155,7 +155,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     for section, values in raw.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"{section!r}: expected a [{section}] table, got {values!r}; write it as [{section}] with keys below")
+            raise ConfigError(f"{section!r}: expected a [{section}] table, got {values!r}; "
+                              f"write it as [{section}] with keys below")
         for key, value in values.items():
             set_value(cfg, f"{section}.{key}", value)
     for item in overrides or []:
@@ -276,7 +277,8 @@ def validate(cfg: Config) -> None:
     per_step = t.micro_batch * p.dp
     if t.global_batch % per_step:
         raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) "
-                          f"x parallel.dp ({p.dp}) = {per_step}; try train.global_batch={per_step * max(1, t.global_batch // per_step)}")
+                          f"x parallel.dp ({p.dp}) = {per_step}; "
+                          f"try train.global_batch={per_step * max(1, t.global_batch // per_step)}")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
     if d.tokenizer == "bpe" and d.vocab_size > m.vocab_size:

@@ -24,7 +24,8 @@ def corpus_dir(data: DataConfig, cache_root: Path) -> Path:
                       "gpt2_ranks": data.gpt2_ranks, "val_fraction": data.val_fraction,
                       "max_bytes": data.max_bytes, "bpe_train_bytes": data.bpe_train_bytes}, sort_keys=True)
     name = "stdlib" if sources == [STDLIB] else Path(sources[0]).name or "corpus"
-    return Path(cache_root) / "corpora" / f"{name}-{data.tokenizer}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}"
+    digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+    return Path(cache_root) / "corpora" / f"{name}-{data.tokenizer}-{digest}"
 
 
 def ensure_corpus(data: DataConfig, cache_root: Path, progress: Progress | None = None) -> CorpusInfo:

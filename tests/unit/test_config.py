@@ -118,3 +118,15 @@ def test_fuzz_toml_never_traceback(tmp_path_factory, text):
         load_config(path)
     except ConfigError as e:
         assert "\n" not in str(e)
+
+
+def test_docs_list_every_key():
+    import dataclasses
+    from pathlib import Path
+
+    from megaloom.config import SECTIONS
+
+    doc = (Path(__file__).parents[2] / "docs" / "config.md").read_text()
+    for section, typ in SECTIONS.items():
+        for f in dataclasses.fields(typ):
+            assert f"`{section}.{f.name}`" in doc, f"docs/config.md lacks {section}.{f.name}"
