@@ -11,6 +11,7 @@ from pathlib import Path
 
 from megaloom.config import Config, ConfigError, describe, load_config
 from megaloom.data.sources import DataError
+from megaloom.parallel.runtime import LaunchEnv
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
@@ -39,17 +40,41 @@ def _load(args: argparse.Namespace) -> Config:
 # ---------------------------------------------------------------- verbs
 
 
+def launch_env() -> LaunchEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; a plain `megaloom train` is one process."""
+    return LaunchEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                     int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from megaloom.data.corpus import ensure_corpus
     from megaloom.observe.progress import Console
+    from megaloom.parallel.runtime import start
     from megaloom.train.trainer import Trainer
 
     cfg = _load(args)
-    console = Console()
+    env = launch_env()
+    if env.world_size > 1 and not args.run_dir:
+        raise ConfigError("--run-dir is required under torchrun, so that every process writes the same run directory")
+    grid, device = start(cfg, env)
+    console = Console(quiet=env.rank != 0)
+    if env.world_size > 1:
+        console.print(grid.describe())
     name = Path(args.config or args.config_flag or "default").stem
     run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    corpus = ensure_corpus(cfg.data, cache_root(), progress=lambda msg: console.print(f"    data  {msg}"))
-    Trainer(cfg, run_dir, corpus, console).run()
+    say = lambda msg: console.print(f"    data  {msg}")  # noqa: E731
+    if env.rank == 0:  # one process prepares the corpus, the others then find it ready
+        ensure_corpus(cfg.data, cache_root(), progress=say)
+    if dist.is_initialized():
+        dist.barrier()
+    corpus = ensure_corpus(cfg.data, cache_root(), progress=say)
+    try:
+        Trainer(cfg, run_dir, corpus, console, grid, device).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

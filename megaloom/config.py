@@ -115,6 +115,8 @@ class ParallelConfig:
     schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = _f("1f1b", "pipeline schedule")
     chunks: int = _f(1, "model chunks per pipeline rank (interleaved schedule)")
     zero: int = _f(0, "ZeRO stage 0-3")
+    sequence_parallel: bool = _f(False, "shard norms and dropout along the sequence over the tp ranks (Korthikanti et al.)")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend: auto = nccl on GPUs, gloo on CPUs")
 
 
 @dataclass
@@ -291,9 +293,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompts is empty while train.samples > 0; give a prompt, e.g. [\"def \"]")
     if not d.sources:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
-    if (p.tp, p.pp, p.dp, p.zero, p.chunks) != (1, 1, 1, 0, 1):
-        raise ConfigError(f"parallel.tp/pp/dp/zero/chunks = {p.tp}/{p.pp}/{p.dp}/{p.zero}/{p.chunks}: "
-                          "this version trains on one device only; set them to 1/1/1/0/1")
+    if (p.pp, p.dp, p.zero, p.chunks) != (1, 1, 0, 1):
+        raise ConfigError(f"parallel.pp/dp/zero/chunks = {p.pp}/{p.dp}/{p.zero}/{p.chunks}: this version has tensor "
+                          "parallelism only; set them to 1/1/0/1")
+    if p.sequence_parallel and m.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel splits model.seq_len ({m.seq_len}) over parallel.tp ({p.tp}); "
+                          f"make model.seq_len a multiple of {p.tp}")
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device = {dev!r} is not auto, cpu, cuda or cuda:N")

@@ -12,7 +12,6 @@ parallel shard — which takes its slice of *each* block — equals the same row
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,29 @@ from torch import nn
 
 from megaloom.config import ModelConfig
 from megaloom.model.layers import residual_std
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which part of a full tensor a (tensor-parallel) parameter holds: along `dim`, the full tensor is
+    a concatenation of `blocks` (one block for plain weights; q, k, v for a fused QKV) and the
+    parameter is the concatenation of slice `rank` of `size` of every block."""
+
+    full_shape: tuple[int, ...]
+    dim: int
+    blocks: tuple[int, ...]
+    rank: int
+    size: int
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        parts = full.split(list(self.blocks), dim=self.dim)
+        return torch.cat([p.chunk(self.size, dim=self.dim)[self.rank] for p in parts], dim=self.dim)
+
+    def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `take` over all ranks' shards."""
+        per_rank = [b // self.size for b in self.blocks]
+        pieces = [s.split(per_rank, dim=self.dim) for s in shards]
+        return torch.cat([pieces[r][b] for b in range(len(self.blocks)) for r in range(self.size)], dim=self.dim)
 
 
 @dataclass(frozen=True)
@@ -64,22 +86,15 @@ def full_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) 
     return torch.cat(parts, dim=0)
 
 
-ShardFn = Callable[[str, torch.Tensor], torch.Tensor]
-
-
-def init_model(model: nn.Module, seed: int, cfg: ModelConfig | None = None,
-               full_shape: Callable[[str, torch.Tensor], tuple[int, ...]] | None = None,
-               shard: ShardFn | None = None) -> None:
-    """Fill every parameter of `model` (a full model or a slice/shard of one) from `seed`.
-
-    `full_shape(name, param)` and `shard(name, full)` let a parallel model say which part of the
-    full tensor it holds; by default the parameter is the full tensor.
-    """
+def init_model(model: nn.Module, seed: int, cfg: ModelConfig | None = None) -> None:
+    """Fill every parameter of `model` (a full model, a slice of one, or a tensor-parallel shard) from
+    `seed`. A parameter with a `shard_spec` gets its part of the full tensor, so every layout holds
+    exactly the values of the single-device model."""
     cfg = cfg or model.cfg
     with torch.no_grad():
         for name, p in model.named_parameters():
-            shape = full_shape(name, p) if full_shape else tuple(p.shape)
-            value = full_tensor(cfg, name, shape, seed)
-            if shard is not None:
-                value = shard(name, value)
+            spec: ShardSpec | None = getattr(p, "shard_spec", None)
+            value = full_tensor(cfg, name, spec.full_shape if spec else tuple(p.shape), seed)
+            if spec is not None:
+                value = spec.take(value)
             p.copy_(value.to(p.dtype))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaloom.config import ModelConfig
+from megaloom.model.dropout import LayoutDropout
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -57,7 +58,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal self-attention. `qkv` is one fused GEMM whose rows are [q heads; k heads; v heads]."""
+    """Causal self-attention. `qkv` is one fused GEMM whose rows are [q heads; k heads; v heads].
+
+    Dropout is applied to the block's output (layout-independent masks), not to the attention
+    probabilities inside SDPA, whose masks would depend on how heads are split over ranks."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -66,13 +70,13 @@ class Attention(nn.Module):
         bias = cfg.family == "gpt2"
         self.qkv = nn.Linear(cfg.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=bias)
-        self.dropout = cfg.dropout
         self.rotary = cfg.family == "llama"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
+        qkv = self.qkv(x)
+        B, T, _ = qkv.shape  # under sequence parallelism x holds part of the sequence, qkv all of it
+        q, k, v = qkv.split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -86,7 +90,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=_causal_mask(T, k.shape[2], x.device),
             is_causal=k.shape[2] == T and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.kv_heads != self.heads,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
@@ -130,7 +133,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = LayoutDropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:

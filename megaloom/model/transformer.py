@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaloom.config import ModelConfig
+from megaloom.model.dropout import LayoutDropout
 from megaloom.model.layers import Block, KVCache, make_norm, rotary_tables
 
 
@@ -21,13 +22,30 @@ class Embedding(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.pos = nn.Embedding(cfg.seq_len, cfg.hidden) if cfg.family == "gpt2" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = LayoutDropout(cfg.dropout)
 
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         x = self.tok(tokens)
         if self.pos is not None:
             x = x + self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
         return self.drop(x)
+
+
+class LMHead(nn.Module):
+    """Logits and loss. GPT-2 ties the output projection to the token embedding (no parameter of its
+    own); Llama has its own `head.weight`."""
+
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
+        super().__init__()
+        self._tied = [embedding] if cfg.tied else []  # a list: not registered twice as a submodule
+        self.weight = None if cfg.tied else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._tied[0].weight if self._tied else self.weight)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy, in fp32."""
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 class Transformer(nn.Module):
@@ -37,8 +55,8 @@ class Transformer(nn.Module):
         self.embed = Embedding(cfg)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.layers)})
         self.norm = make_norm(cfg)
-        # GPT-2 ties the output projection to the token embedding; Llama has its own head.
-        self.head = None if cfg.tied else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg, self.embed.tok)
+        self.tp = None  # a TPGroup once parallelize_tensor has run
         if cfg.family == "llama":
             cos, sin = rotary_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -47,9 +65,6 @@ class Transformer(nn.Module):
     @property
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.cfg.family == "llama" else None
-
-    def output_weight(self) -> torch.Tensor:
-        return self.embed.tok.weight if self.head is None else self.head.weight
 
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         start = cache.length if cache is not None else 0
@@ -66,10 +81,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) without targets; the mean next-token cross entropy (fp32) with them."""
-        logits = F.linear(self.hidden_states(tokens, cache), self.output_weight())
+        logits = self.head(self.hidden_states(tokens, cache))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return self.head.loss(logits, targets)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())

@@ -2,10 +2,12 @@
 
 Layout of `<run>/checkpoints/step_00000200/`:
   model.safetensors   weights under their canonical (layout-independent) names, fp32
-  train_state.pt      optimizer, loss scaler, RNG states, data-loader position, step
+  train_state.rank00000.pt  per rank: optimizer (its shards), loss scaler, RNG states, data-loader
+                      position, step
   config.toml         the resolved config of the run
-The directory is written under a temporary name, fsynced and renamed; `latest` is updated last, so
-a crash while saving leaves the previous checkpoint intact and selected.
+Tensor-parallel shards are gathered into full tensors for model.safetensors, so the weights load into
+any layout. The directory is written under a temporary name, fsynced and renamed by rank 0; `latest` is
+updated last, so a crash while saving leaves the previous checkpoint intact and selected.
 """
 
 from __future__ import annotations
@@ -16,41 +18,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from megaloom.parallel.comm import TPGroup
+from megaloom.parallel.tensor import gather_full
 
 CKPT_DIR = "checkpoints"
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], config_toml: str,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, tp: TPGroup | None = None, rank: int = 0) -> Path:
+    """Collective when the run has several processes: every rank calls it."""
     root = run_dir / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # tied weights share storage; safetensors stores each tensor once, so clone to plain tensors
-    weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in model_state(model).items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync(f)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    _write_atomic(root / "latest", final.name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".tmp-step_{step:08d}"
+    weights = full_weights(model, tp)  # a collective under tensor parallelism
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, str(tmp / "model.safetensors"))
+        (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
+    _barrier()
+    torch.save(train_state, tmp / f"train_state.rank{rank:05d}.pt")
+    _fsync(tmp / f"train_state.rank{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        _write_atomic(root / "latest", final.name + "\n")
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical weights: the tied GPT-2 head is the embedding, stored once as `embed.tok.weight`."""
+def full_weights(model: nn.Module, tp: TPGroup | None = None) -> dict[str, torch.Tensor]:
+    """Canonical full fp32 weights on the CPU. The tied GPT-2 head is the embedding, stored once as
+    `embed.tok.weight`; tensor-parallel shards are gathered into full tensors."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    return {k: v for k, v in model.state_dict().items()}
+    out = {}
+    for name, p in model.named_parameters():
+        full = gather_full(p, tp) if tp is not None else p.detach()
+        out[name] = full.float().cpu().contiguous().clone()
+    return out
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def latest_checkpoint(path: Path) -> Path:
@@ -74,8 +96,8 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
         raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def load_train_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "train_state.pt", weights_only=False)
+def load_train_state(ckpt: Path, rank: int = 0) -> dict[str, Any]:
+    return torch.load(ckpt / f"train_state.rank{rank:05d}.pt", weights_only=False)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -10,7 +10,7 @@ skipped — and doubles after `growth_interval` clean steps.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -34,14 +34,18 @@ class DynamicLossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
 
-    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> bool:
-        """Divide gradients by the scale in place; True when any gradient is inf or nan."""
+    def unscale_(self, params: Iterable[torch.nn.Parameter],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
+        """Divide gradients by the scale in place; True when any gradient is inf or nan (on any rank
+        that `reduce` combines the flag over)."""
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return False
         torch._foreach_mul_(grads, 1.0 / self.scale)
         # one reduction and one host sync for all gradients
-        found = torch.stack([torch.logical_not(torch.isfinite(g)).any() for g in grads]).any()
+        found = torch.stack([torch.logical_not(torch.isfinite(g)).any() for g in grads]).any().float()
+        if reduce is not None:
+            found = reduce(found)
         return bool(found)
 
     def update(self, found_inf: bool) -> None:

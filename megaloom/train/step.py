@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megaloom.parallel.grads import GradSync, clip_
 from megaloom.train.precision import DynamicLossScaler, autocast
 
 
@@ -19,12 +20,15 @@ class StepResult:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[tuple[torch.Tensor, torch.Tensor]],
-               *, precision: str = "fp32", scaler: DynamicLossScaler | None = None, grad_clip: float = 0.0) -> StepResult:
+               *, precision: str = "fp32", scaler: DynamicLossScaler | None = None, grad_clip: float = 0.0,
+               sync: GradSync | None = None) -> StepResult:
     """Accumulate gradients of the mean loss over equal-sized micro-batches, then step.
 
     Each micro-batch loss is divided by their number, so k micro-batches of b sequences give the
     gradient of one batch of k·b sequences (the same tokens per micro-batch make the means agree).
+    `sync` completes gradients and computes the global norm across a process grid.
     """
+    sync = sync or GradSync(model)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
@@ -37,13 +41,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
         if scaler is not None:
             scaled = scaler.scale_loss(scaled)
         scaled.backward()
+    sync.finish()
     skipped = False
     if scaler is not None:
-        skipped = scaler.unscale_(params)
+        skipped = scaler.unscale_(params, sync.any_nonfinite)
         scaler.update(skipped)
     if skipped:
         return StepResult(total / len(microbatches), torch.tensor(math.nan), True)
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grad_norm = sync.norm(params)
+    if grad_clip > 0:
+        clip_(params, grad_norm, grad_clip)
     optimizer.step()
     return StepResult(total / len(microbatches), grad_norm, False)

@@ -20,6 +20,9 @@ from megaloom.model import build_model, count_parameters, generate
 from megaloom.observe.metrics import MetricsLogger, peak_memory_gib
 from megaloom.observe.plots import plot_loss
 from megaloom.observe.progress import Console
+from megaloom.parallel.grads import GradSync
+from megaloom.parallel.grid import ProcessGrid
+from megaloom.parallel.runtime import tp_group
 from megaloom.perf.flops import model_flops_per_token
 from megaloom.perf.hardware import peak_flops
 from megaloom.train.checkpoint import save_checkpoint
@@ -38,14 +41,6 @@ class RunResult:
     samples: list[str]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but no CUDA device is visible; use train.device=\"cpu\" or \"auto\"")
-    return torch.device(name)
-
-
 def device_name(device: torch.device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
@@ -57,8 +52,11 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, corpus: CorpusInfo, console: Console):
+    def __init__(self, cfg: Config, run_dir: Path, corpus: CorpusInfo, console: Console,
+                 grid: ProcessGrid, device: torch.device):
         self.cfg, self.run_dir, self.corpus, self.console = cfg, Path(run_dir), corpus, console
+        self.grid, self.device = grid, device
+        self.main = grid.rank == 0  # rank 0 writes the run directory and talks to the terminal
         m, t = cfg.model, cfg.train
         if corpus.vocab_size > m.vocab_size:
             raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -66,13 +64,14 @@ class Trainer:
         if corpus.val_tokens < m.seq_len + 1:
             raise ConfigError(f"the validation split of {corpus.directory} has {corpus.val_tokens} tokens, fewer than "
                               f"model.seq_len + 1 = {m.seq_len + 1}; raise data.val_fraction or add data")
-        self.device = resolve_device(t.device)
         seed_everything(t.seed)
         self.train_data = TokenDataset(corpus.directory, "train")
         self.val_data = TokenDataset(corpus.directory, "val")
         self.loader = BatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed,
                                   pin_memory=self.device.type == "cuda")
-        self.model = build_model(m, t.seed, self.device)
+        self.tp = tp_group(grid, cfg.parallel.sequence_parallel)
+        self.model = build_model(m, t.seed, self.device, tp=self.tp)
+        self.sync = GradSync(self.model, self.tp)
         self.optimizer = build_optimizer(self.model, t)
         self.step_model = torch.compile(self.model) if t.compile else self.model
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
@@ -80,11 +79,14 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(m)
         self.peak = peak_flops(device_name(self.device), t.precision)
         self.step = 0
+        self.last_logged = 0
         self.skipped = 0
 
     # ------------------------------------------------------------------ setup and loop
 
     def prepare_run_dir(self) -> None:
+        if not self.main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
         tok_dir = self.run_dir / "tokenizer"
@@ -95,7 +97,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.prepare_run_dir()
         self.console.header(self.describe())
-        logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard)
+        logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard) if self.main else None
         tokens_per_step = t.global_batch * cfg.model.seq_len
         pending: list[torch.Tensor] = []
         first_loss = final_loss = final_val = math.nan
@@ -114,16 +116,18 @@ class Trainer:
                     pending = []
                     if eval_now:
                         row["val_loss"] = final_val = self.evaluate()
-                    logger.log(row)
+                    if logger is not None:
+                        logger.log(row)
                     bar.update(self.step, row)
                     first_loss = loss if self.step == 1 else first_loss
                     final_loss = loss
                     last_time = time.perf_counter()  # evaluation time is not training time
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.save()
-        logger.close()
+        if logger is not None:
+            logger.close()
         ckpt = self.save()
-        if cfg.log.plot:
+        if cfg.log.plot and self.main:
             plot_loss([self.run_dir], self.run_dir / "loss.png")
         samples = self.samples()
         self.console.summary(self.run_dir, first_loss, final_loss, final_val, ckpt, samples)
@@ -136,7 +140,7 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
         result = train_step(self.step_model, self.optimizer, micro, precision=t.precision,
-                            scaler=self.scaler, grad_clip=t.grad_clip)
+                            scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync)
         self.skipped += result.skipped
         return result
 
@@ -154,6 +158,11 @@ class Trainer:
         }
         if self.scaler is not None:
             row["loss_scale"] = self.scaler.scale
+        if self.tp is not None:
+            # bytes this rank sent per collective type, per step, over the logged interval
+            row["comm_bytes"] = {f"tp_{op}": sent / max(1, self.step - self.last_logged)
+                                 for op, sent in self.tp.counter.take().items()}
+        self.last_logged = self.step
         return row
 
     # ------------------------------------------------------------------ evaluation, saving, sampling
@@ -182,10 +191,12 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.train_state(), to_toml(self.cfg),
-                               keep=self.cfg.checkpoint.keep)
+                               keep=self.cfg.checkpoint.keep, tp=self.tp, rank=self.grid.rank)
 
     def samples(self) -> list[str]:
         t = self.cfg.train
+        if self.tp is not None:
+            return []  # sampling runs on one process: `megaloom generate RUN_DIR` reads the consolidated weights
         out = []
         gen = torch.Generator(device=self.device).manual_seed(t.seed)
         for i in range(t.samples):
@@ -205,6 +216,8 @@ class Trainer:
             ("data", f"{self.corpus.train_tokens:,} train / {self.corpus.val_tokens:,} validation tokens, "
                      f"{self.corpus.tokenizer} tokenizer ({self.corpus.vocab_size} tokens)"),
             ("batch", f"{t.global_batch} x {m.seq_len} tokens = {t.micro_batch} per micro-batch x {accum} accumulation"),
+            ("grid", f"tp={self.grid.tp} pp={self.grid.pp} dp={self.grid.dp}"
+                     f"{', sequence parallel' if self.cfg.parallel.sequence_parallel and self.tp else ''}"),
             ("device", f"{self.device}{' (' + device_name(self.device) + ')' if device_name(self.device) else ''}, "
                        f"{t.precision}"),
             ("run dir", str(self.run_dir)),

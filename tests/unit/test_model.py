@@ -21,10 +21,10 @@ def cfg(request) -> ModelConfig:
 
 def test_family_structure():
     g = build_model(ModelConfig(**FAMILIES["gpt2"]), 0)
-    assert isinstance(g.layers["0"].attn_norm, torch.nn.LayerNorm) and g.embed.pos is not None and g.head is None
+    assert isinstance(g.layers["0"].attn_norm, torch.nn.LayerNorm) and g.embed.pos is not None and g.head.weight is None
     assert g.layers["0"].attn.qkv.bias is not None
     l = build_model(ModelConfig(**FAMILIES["llama"]), 0)
-    assert isinstance(l.layers["0"].attn_norm, torch.nn.RMSNorm) and l.embed.pos is None and l.head is not None
+    assert isinstance(l.layers["0"].attn_norm, torch.nn.RMSNorm) and l.embed.pos is None and l.head.weight is not None
     assert l.layers["0"].attn.qkv.weight.shape == ((4 + 2 * 2) * 16, 64)  # GQA: 4 q heads, 2 kv heads
     assert l.layers["0"].mlp.up.weight.shape[0] == 2 * l.cfg.ffn  # fused [gate; up]
 

@@ -1,0 +1,179 @@
+"""The communication operators of tensor and sequence parallelism, as autograd functions.
+
+Megatron-LM paper §2.3 (reference/004), Figure 5: `f` is the identity forward and an all-reduce
+backward; `g` is an all-reduce forward and the identity backward. A transformer layer needs two `g`
+forward and two `f` backward. Sequence parallelism (Korthikanti et al. 2022, §4.2.2) replaces each
+all-reduce by a reduce-scatter plus an all-gather along the sequence: `g` becomes a reduce-scatter
+(forward) / all-gather (backward), `f` an all-gather (forward) / reduce-scatter (backward).
+
+Tensors are (batch, sequence, hidden); the sequence is dim 1. Every collective is counted in the
+group's `CommCounter` as the bytes one rank sends under the ring algorithm (all-reduce 2(t-1)/t·n,
+all-gather and reduce-scatter (t-1)/t·n of the full tensor's n bytes), the accounting of the paper's
+8·b·s·h·(t-1)/t per layer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommCounter:
+    """Bytes sent per collective type; the trainer reads and resets it every step."""
+
+    sent: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, op: str, full_bytes: int, size: int) -> None:
+        factor = 2 * (size - 1) / size if op == "all_reduce" else (size - 1) / size
+        self.sent[op] += factor * full_bytes
+
+    def take(self) -> dict[str, float]:
+        out = dict(self.sent)
+        self.sent.clear()
+        return out
+
+
+@dataclass
+class TPGroup:
+    """A tensor-parallel group as the layers see it: the process group, its size, this rank's index."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+    sequence_parallel: bool = False
+    counter: CommCounter = field(default_factory=CommCounter)
+
+
+def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
+        return x
+    x = x.contiguous()
+    tp.counter.add("all_reduce", x.numel() * x.element_size(), tp.size)
+    dist.all_reduce(x, group=tp.group)
+    return x
+
+
+def _all_gather_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    tp.counter.add("all_gather", x.numel() * x.element_size() * tp.size, tp.size)
+    dist.all_gather(parts, x.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
+        return x
+    if x.shape[1] % tp.size:
+        raise ValueError(f"sequence parallelism: sequence length {x.shape[1]} is not divisible by parallel.tp ({tp.size})")
+    parts = [p.contiguous() for p in x.chunk(tp.size, dim=1)]
+    out = torch.empty_like(parts[0])
+    tp.counter.add("reduce_scatter", x.numel() * x.element_size(), tp.size)
+    dist.reduce_scatter(out, parts, group=tp.group)
+    return out
+
+
+def _split_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
+        return x
+    return x.chunk(tp.size, dim=1)[tp.rank].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    """f: identity forward, all-reduce backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.tp), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        return _all_reduce(x.clone(), tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """f under sequence parallelism: all-gather the sequence forward, reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _all_gather_seq(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.tp), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """g under sequence parallelism: reduce-scatter the sequence forward, all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _reduce_scatter_seq(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.tp), None
+
+
+class _SplitSeq(torch.autograd.Function):
+    """Keep this rank's part of a replicated sequence forward; all-gather the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _split_seq(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.tp), None
+
+
+def enter_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Input of a column-parallel region: `f`, or the sequence all-gather under sequence parallelism."""
+    if tp.size == 1:
+        return x
+    return _GatherSeq.apply(x, tp) if tp.sequence_parallel else _CopyToTP.apply(x, tp)
+
+
+def leave_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Output of a row-parallel region: `g`, or the sequence reduce-scatter under sequence parallelism."""
+    if tp.size == 1:
+        return x
+    return _ReduceScatterSeq.apply(x, tp) if tp.sequence_parallel else _ReduceFromTP.apply(x, tp)
+
+
+def split_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _SplitSeq.apply(x, tp)
+
+
+def gather_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x if tp.size == 1 else _GatherSeq.apply(x, tp)
+
+
+def all_reduce_no_grad(x: torch.Tensor, tp: TPGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """An all-reduce outside autograd (loss statistics, gradient sync), counted like the others."""
+    if tp.size == 1:
+        return x
+    tp.counter.add("all_reduce", x.numel() * x.element_size(), tp.size)
+    dist.all_reduce(x, op=op, group=tp.group)
+    return x

@@ -1,0 +1,203 @@
+"""Tensor-parallel layers (Megatron-LM paper §2.3, reference/004) and `parallelize_tensor`.
+
+- ColumnParallelLinear: Y = X·A with A split by columns (our weight rows): each rank computes its
+  slice of the output; the input goes through `f` (or the sequence all-gather).
+- RowParallelLinear: Y = X·B with B split by rows: each rank holds a slice of the input features and
+  produces a partial sum; `g` (or the sequence reduce-scatter) adds them.
+- VocabParallelEmbedding: each rank holds V/t rows; tokens outside its range contribute zeros and the
+  partial embeddings are summed.
+- vocab_parallel_cross_entropy: the loss from logits split over the vocabulary without gathering them:
+  three all-reduces of b·s numbers (max, sum of exponentials, target logit).
+
+A self-attention layer splits its heads (and grouped k/v heads) over the ranks: QKV is column-
+parallel, the output projection row-parallel; the MLP's first GEMM is column-parallel and the second
+row-parallel. So a layer needs two `g` forward and two `f` backward (Figure 5 of the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megaloom.model.init import ShardSpec
+from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, enter_tp, leave_tp
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over tp ranks; a fused weight is split block by block ([q; k; v])."""
+
+    def __init__(self, full: nn.Linear, tp: TPGroup, blocks: tuple[int, ...] | None = None):
+        super().__init__()
+        self.tp = tp
+        out_f, in_f = full.weight.shape
+        blocks = blocks or (out_f,)
+        spec = ShardSpec((out_f, in_f), dim=0, blocks=blocks, rank=tp.rank, size=tp.size)
+        self.weight = nn.Parameter(torch.empty(out_f // tp.size, in_f, dtype=full.weight.dtype))
+        self.weight.shard_spec = spec
+        self.bias = None
+        if full.bias is not None:
+            self.bias = nn.Parameter(torch.empty(out_f // tp.size, dtype=full.bias.dtype))
+            self.bias.shard_spec = ShardSpec((out_f,), dim=0, blocks=blocks, rank=tp.rank, size=tp.size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(enter_tp(x, self.tp), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over tp ranks; the bias (replicated) is added once, after the reduction."""
+
+    def __init__(self, full: nn.Linear, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        out_f, in_f = full.weight.shape
+        self.weight = nn.Parameter(torch.empty(out_f, in_f // tp.size, dtype=full.weight.dtype))
+        self.weight.shard_spec = ShardSpec((out_f, in_f), dim=1, blocks=(in_f,), rank=tp.rank, size=tp.size)
+        self.bias = None if full.bias is None else nn.Parameter(torch.empty(out_f, dtype=full.bias.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = leave_tp(F.linear(x, self.weight), self.tp)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank·V/t, (rank+1)·V/t) of the token embedding; returns this rank's *partial* sum."""
+
+    def __init__(self, full: nn.Embedding, tp: TPGroup):
+        super().__init__()
+        vocab, hidden = full.weight.shape
+        self.tp, self.per_rank = tp, vocab // tp.size
+        self.start = tp.rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden, dtype=full.weight.dtype))
+        self.weight.shard_spec = ShardSpec((vocab, hidden), dim=0, blocks=(vocab,), rank=tp.rank, size=tp.size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup, start: int) -> torch.Tensor:
+        logits = logits.float()
+        local_max = logits.max(dim=-1).values
+        all_reduce_no_grad(local_max, tp, dist.ReduceOp.MAX)
+        shifted = logits - local_max.unsqueeze(-1)
+        local = targets - start
+        inside = (local >= 0) & (local < logits.shape[-1])
+        idx = local.clamp(0, logits.shape[-1] - 1)
+        target_logit = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * inside
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        stats = torch.stack([sum_exp, target_logit])
+        all_reduce_no_grad(stats, tp)  # one all-reduce for both sums
+        sum_exp, target_logit = stats[0], stats[1]
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), idx, inside)
+        return (sum_exp.log() - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        softmax, idx, inside = ctx.saved_tensors
+        g = softmax.clone()
+        g.scatter_add_(-1, idx.unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
+        return g * (grad / idx.numel()), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup, start: int) -> torch.Tensor:
+    """Mean cross entropy of logits (N, V/t) holding vocabulary rows [start, start + V/t)."""
+    return _VocabParallelCE.apply(logits, targets, tp, start)
+
+
+class ParallelEmbedding(nn.Module):
+    """The model's `embed` under tensor parallelism: vocab-parallel tokens, summed over ranks by `g`
+    (a reduce-scatter along the sequence with sequence parallelism), plus replicated positions."""
+
+    def __init__(self, embed: nn.Module, tp: TPGroup):
+        super().__init__()
+        self.tp = tp
+        self.tok = VocabParallelEmbedding(embed.tok, tp)
+        self.pos = embed.pos  # replicated (GPT-2 only)
+        self.drop = embed.drop
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = leave_tp(self.tok(tokens), self.tp)
+        if self.pos is not None:
+            T, offset = x.shape[1], start
+            if self.tp.sequence_parallel:
+                offset += self.tp.rank * T  # this rank's slice of the sequence
+            x = x + self.pos(torch.arange(offset, offset + T, device=tokens.device))
+        return self.drop(x)
+
+
+class ParallelHead(nn.Module):
+    """Logits split over the vocabulary and the vocab-parallel loss. Tied to the embedding shard (GPT-2)
+    or its own column-parallel weight named `head.weight` (Llama)."""
+
+    def __init__(self, head: nn.Module, embed: ParallelEmbedding, tp: TPGroup):
+        super().__init__()
+        self.tp, self.start = tp, embed.tok.start
+        self._tied = [embed.tok] if head.weight is None else []
+        self.weight = None
+        if head.weight is not None:
+            self.weight = nn.Parameter(torch.empty(embed.tok.per_rank, head.weight.shape[1], dtype=head.weight.dtype))
+            self.weight.shard_spec = ShardSpec(tuple(head.weight.shape), dim=0, blocks=(head.weight.shape[0],),
+                                               rank=tp.rank, size=tp.size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._tied[0].weight if self._tied else self.weight
+        return F.linear(enter_tp(x, self.tp), w)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), self.tp, self.start)
+
+
+def parallelize_tensor(model: nn.Module, tp: TPGroup) -> nn.Module:
+    """Swap the model's layers for their tensor-parallel versions, in place (DESIGN principle 4).
+
+    Parameters are left uninitialised: call `init_model(model, seed)` afterwards, which fills each
+    shard with its slice of the single-device model's tensor.
+    """
+    if tp.size == 1:
+        return model
+    cfg = model.cfg
+    for block in model.layers.values():
+        attn = block.attn
+        q, kv = cfg.heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        attn.qkv = ColumnParallelLinear(attn.qkv, tp, blocks=(q, kv, kv))
+        attn.proj = RowParallelLinear(attn.proj, tp)
+        attn.heads, attn.kv_heads = cfg.heads // tp.size, cfg.n_kv_heads // tp.size
+        mlp = block.mlp
+        mlp.up = ColumnParallelLinear(mlp.up, tp, blocks=(cfg.ffn, cfg.ffn) if mlp.swiglu else None)
+        mlp.down = RowParallelLinear(mlp.down, tp)
+        block.drop.set_sequence_shard(tp)
+    model.embed = ParallelEmbedding(model.embed, tp)
+    model.embed.drop.set_sequence_shard(tp)
+    model.head = ParallelHead(model.head, model.embed, tp)
+    model.tp = tp
+    return model
+
+
+def sync_replicated_grads(model: nn.Module, tp: TPGroup) -> None:
+    """With sequence parallelism each rank sees only its part of the sequence, so the gradients of the
+    parameters every rank holds whole (norms, row-parallel biases, positions) are partial: sum them."""
+    if tp.size == 1 or not tp.sequence_parallel:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "shard_spec", None) is None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_no_grad(flat, tp)
+        for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(new)
+
+
+def gather_full(param: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The full tensor of a (possibly sharded) parameter, reassembled block by block."""
+    spec = getattr(param, "shard_spec", None)
+    if spec is None or tp.size == 1:
+        return param.detach()
+    parts = [torch.empty_like(param) for _ in range(tp.size)]
+    dist.all_gather(parts, param.detach().contiguous(), group=tp.group)
+    return spec.assemble(parts)
