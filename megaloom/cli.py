@@ -121,6 +121,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from megaloom.observe.timeline import draw_timeline, text_timeline
+    from megaloom.parallel.schedules import Costs, ScheduleKind, build_schedule, simulate, validate
+
+    sched = build_schedule(args.schedule, args.pp, args.microbatches, args.chunks)
+    validate(sched)
+    half = args.backward / 2  # the split backward halves B unless told otherwise
+    costs = Costs(args.forward, args.backward, half if args.backward_input is None else args.backward_input,
+                  half if args.backward_weight is None else args.backward_weight, args.p2p)
+    sim = simulate(sched, costs)
+    p, m, v = sched.pp, sched.microbatches, sched.chunks
+    print(text_timeline(sim, args.width))
+    if ScheduleKind(args.schedule) is ScheduleKind.ZB_H1:  # Qi et al. 2023, §3.1
+        ref = f"Qi et al.: (p-1)/(3m) = {(p - 1) / (3 * m):.1%} when F = I = W and m >= p"
+    elif v > 1:
+        ref = f"paper: (p-1)/(m*v) = {(p - 1) / (m * v):.1%}"
+    else:
+        ref = f"paper: (p-1)/m = {(p - 1) / m:.1%}"
+    print(f"bubble: {sim.bubble_fraction:.1%} of ideal time ({ref})")
+    unit = "microbatch-chunks" if v > 1 else "microbatches"
+    print(f"peak in flight ({unit} with activations held): "
+          + ", ".join(f"rank {r}: {n}" for r, n in enumerate(sim.peak_in_flight)))
+    if args.output:
+        print(f"wrote {draw_timeline(sim, Path(args.output))}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -170,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation recomputation assumed by the memory estimate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = verbs.add_parser("schedule", help="simulate a pipeline schedule: timeline, bubble, activations in flight",
+                         description="Build, validate and simulate a pipeline schedule in one process; print its "
+                                     "timeline, bubble fraction and peak activations in flight per rank "
+                                     "(Narayanan et al. 2021, section 2.2).")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb-h1"], default="1f1b")
+    p.add_argument("--pp", type=int, required=True, metavar="P", help="pipeline stages (parallel.pp)")
+    p.add_argument("--microbatches", type=int, required=True, metavar="M", help="microbatches per batch")
+    p.add_argument("--chunks", type=int, default=1, metavar="V", help="model chunks per rank (interleaved)")
+    p.add_argument("--forward", type=float, default=1.0, help="forward time of one microbatch on one rank")
+    p.add_argument("--backward", type=float, default=2.0, help="backward time (the paper's t_b = 2 t_f)")
+    p.add_argument("--backward-input", type=float, help="zb-h1: input-gradient time I (default backward/2)")
+    p.add_argument("--backward-weight", type=float, help="zb-h1: weight-gradient time W (default backward/2)")
+    p.add_argument("--p2p", type=float, default=0.0, help="latency of one send between ranks")
+    p.add_argument("--width", type=int, help="fit the text timeline into this many characters")
+    p.add_argument("-o", "--output", metavar="PNG", help="also draw the timeline to this PNG")
+    p.set_defaults(func=cmd_schedule)
     return parser
 
 

@@ -115,6 +115,7 @@ class ParallelConfig:
     schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = _f("1f1b", "pipeline schedule")
     chunks: int = _f(1, "model chunks per pipeline rank (interleaved schedule)")
     zero: int = _f(0, "ZeRO stage 0-3")
+    layers_per_stage: list[int] = _f([], "layers of each pipeline stage (pp x chunks entries); empty = an even split")
     sequence_parallel: bool = _f(False, "shard norms and dropout along the sequence over the tp ranks (Korthikanti et al.)")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend: auto = nccl on GPUs, gloo on CPUs")
 
@@ -293,9 +294,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompts is empty while train.samples > 0; give a prompt, e.g. [\"def \"]")
     if not d.sources:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
-    if (p.pp, p.dp, p.zero, p.chunks) != (1, 1, 0, 1):
-        raise ConfigError(f"parallel.pp/dp/zero/chunks = {p.pp}/{p.dp}/{p.zero}/{p.chunks}: this version has tensor "
-                          "parallelism only; set them to 1/1/0/1")
+    if (p.dp, p.zero) != (1, 0):
+        raise ConfigError(f"parallel.dp/zero = {p.dp}/{p.zero}: this version has tensor and pipeline parallelism "
+                          "only; set them to 1/0")
+    if p.pp > 1 or p.chunks > 1:  # the schedule and the layer split, checked before anything is built
+        from megaloom.parallel.pipeline import stage_layers
+        from megaloom.parallel.schedules import build_schedule
+
+        build_schedule(p.schedule, p.pp, t.global_batch // (t.micro_batch * p.dp), p.chunks)
+        stage_layers(m.layers, p.pp, p.chunks, p.layers_per_stage or None)
+    elif p.layers_per_stage:
+        raise ConfigError(f"parallel.layers_per_stage = {p.layers_per_stage} needs parallel.pp > 1")
     if p.sequence_parallel and m.seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel splits model.seq_len ({m.seq_len}) over parallel.tp ({p.tp}); "
                           f"make model.seq_len a multiple of {p.tp}")

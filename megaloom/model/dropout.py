@@ -1,22 +1,27 @@
 """Dropout whose masks do not depend on the parallel layout.
 
-Each call draws one seed from the global torch RNG (all ranks of a tensor-parallel group hold the same
-RNG state and make the same calls, as does a single device), then draws the mask of the *full*
-activation from a generator with that seed. A rank that holds only a slice of the sequence (sequence
-parallelism) keeps the matching slice of the mask. So replicated regions draw identical masks on every
-tp rank, split regions draw different ones, and the masks — hence the results — are the same for any t.
+The mask of a call is drawn from a generator seeded by (the run's seed, the module's canonical name,
+how many times this module has run): every dropout site of every layer sees the same sequence of
+masks whichever process holds that layer and however many layers it holds (pipeline stages process
+micro-batches in order). The mask is drawn for the *full* activation; a rank that holds only a slice of
+the sequence (sequence parallelism) keeps the matching slice. So replicated regions draw identical
+masks on every tp rank, split regions draw different ones, and the masks — hence the results — are the
+same for any (t, p). The run's seed is `torch.initial_seed()`, which the trainer sets from train.seed.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
 
 
 class LayoutDropout(nn.Module):
-    def __init__(self, p: float):
+    def __init__(self, p: float, key: str):
         super().__init__()
-        self.p = p
+        self.p, self.key = p, key
+        self.calls = 0  # training forwards so far: the mask index
         self.seq_rank, self.seq_size = 0, 1  # this module sees sequence slice seq_rank of seq_size
 
     def set_sequence_shard(self, tp) -> None:
@@ -26,12 +31,13 @@ class LayoutDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # CPU RNG: no device sync
-        gen = torch.Generator(device=x.device).manual_seed(seed)
+        digest = hashlib.blake2b(f"{torch.initial_seed()}/{self.key}/{self.calls}".encode(), digest_size=8).digest()
+        self.calls += 1
+        gen = torch.Generator(device=x.device).manual_seed(int.from_bytes(digest, "little") >> 1)
         B, T, H = x.shape
         full = torch.rand((B, T * self.seq_size, H), generator=gen, device=x.device)
         keep = full[:, self.seq_rank * T:(self.seq_rank + 1) * T] >= self.p
         return x * keep / (1.0 - self.p)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, key={self.key!r}"

@@ -133,7 +133,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.drop = LayoutDropout(cfg.dropout)
+        self.drop = LayoutDropout(cfg.dropout, f"layers.{layer}.drop")
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -6,6 +6,8 @@ keeps the same parameter names as the full model and checkpoints stay layout ind
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.pos = nn.Embedding(cfg.seq_len, cfg.hidden) if cfg.family == "gpt2" else None
-        self.drop = LayoutDropout(cfg.dropout)
+        self.drop = LayoutDropout(cfg.dropout, "embed.drop")
 
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         x = self.tok(tokens)
@@ -35,7 +37,7 @@ class LMHead(nn.Module):
     """Logits and loss. GPT-2 ties the output projection to the token embedding (no parameter of its
     own); Llama has its own `head.weight`."""
 
-    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding | None):
         super().__init__()
         self._tied = [embedding] if cfg.tied else []  # a list: not registered twice as a submodule
         self.weight = None if cfg.tied else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden))
@@ -49,13 +51,24 @@ class LMHead(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The whole model, or one pipeline stage of it: `layer_ids` are the (global) layers it holds,
+    `first` adds the embedding, `last` the final norm, the head and the loss.
+
+    A GPT-2 last stage that is not also the first holds its own copy of the tied token embedding
+    (`embed.tok.weight`, same name and initial value); the pipeline runtime keeps the two copies equal
+    by summing their gradients (Megatron-LM's embedding group)."""
+
+    def __init__(self, cfg: ModelConfig, layer_ids: Sequence[int] | None = None, first: bool = True,
+                 last: bool = True):
         super().__init__()
-        self.cfg = cfg
-        self.embed = Embedding(cfg)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.layers)})
-        self.norm = make_norm(cfg)
-        self.head = LMHead(cfg, self.embed.tok)
+        self.cfg, self.first, self.last = cfg, first, last
+        layer_ids = range(cfg.layers) if layer_ids is None else layer_ids
+        self.embed = Embedding(cfg) if first or (last and cfg.tied) else None
+        if self.embed is not None and not first:
+            self.embed.pos = None  # the last stage only needs the tied token embedding
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in layer_ids})
+        self.norm = make_norm(cfg) if last else None
+        self.head = LMHead(cfg, self.embed.tok if cfg.tied else None) if last else None
         self.tp = None  # a TPGroup once parallelize_tensor has run
         if cfg.family == "llama":
             cos, sin = rotary_tables(cfg)
@@ -66,22 +79,29 @@ class Transformer(nn.Module):
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.cfg.family == "llama" else None
 
-    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        start = cache.length if cache is not None else 0
-        if start + tokens.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds model.seq_len ({self.cfg.seq_len})")
-        x = self.embed(tokens, start)
+    def hidden_states(self, inputs: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (first stage) or the previous stage's hidden states -> this stage's output."""
+        x = inputs
+        if self.first:
+            start = cache.length if cache is not None else 0
+            if start + inputs.shape[1] > self.cfg.seq_len:
+                raise ValueError(f"sequence of {start + inputs.shape[1]} tokens exceeds model.seq_len ({self.cfg.seq_len})")
+            x = self.embed(inputs, start)
         rope = self.rope
         for block in self.layers.values():
             x = block(x, rope, cache)
         if cache is not None:
-            cache.length += tokens.shape[1]
-        return self.norm(x)
+            cache.length += inputs.shape[1]
+        return self.norm(x) if self.last else x
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) without targets; the mean next-token cross entropy (fp32) with them."""
-        logits = self.head(self.hidden_states(tokens, cache))
+        """Logits (B, T, V) without targets; the mean next-token cross entropy (fp32) with them.
+        A stage that is not the last returns its hidden states."""
+        h = self.hidden_states(inputs, cache)
+        if not self.last:
+            return h
+        logits = self.head(h)
         if targets is None:
             return logits
         return self.head.loss(logits, targets)

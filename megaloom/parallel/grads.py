@@ -1,12 +1,15 @@
 """Gradient finishing and the global gradient norm on a process grid.
 
-The global norm counts every parameter once: tensor-parallel shards contribute their squares summed
-over the tp group; parameters every tp rank holds whole (norms, row-parallel biases) count once.
+The global norm counts every parameter of the model exactly once: tensor-parallel shards contribute
+their squares summed over the tp group; parameters every tp rank holds whole (norms, row-parallel
+biases) count once; pipeline stages add their totals over the pp group; the copy of the tied GPT-2
+embedding that the last pipeline stage holds is left out (the first stage counts it).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megaloom.parallel.comm import TPGroup, all_reduce_no_grad
@@ -14,28 +17,44 @@ from megaloom.parallel.tensor import sync_replicated_grads
 
 
 class GradSync:
-    def __init__(self, model: nn.Module, tp: TPGroup | None = None):
+    def __init__(self, model: nn.Module, tp: TPGroup | None = None, pp_group: dist.ProcessGroup | None = None,
+                 embed_group: dist.ProcessGroup | None = None, tied_copy: list[nn.Parameter] | None = None,
+                 mp_group: dist.ProcessGroup | None = None, tied: list[nn.Parameter] | None = None):
         self.model, self.tp = model, tp
+        self.pp_group, self.embed_group, self.mp_group = pp_group, embed_group, mp_group
+        self.tied = tied or []  # this rank's tied-embedding parameters (first and last stage)
+        self.tied_copy = {id(p) for p in tied_copy or []}  # the last stage's copy: left out of the norm
 
     def finish(self) -> None:
         """Make every gradient complete before the norm and the step."""
         if self.tp is not None:
             sync_replicated_grads(self.model, self.tp)
+        if self.embed_group is not None:
+            # Megatron-LM's embedding group: the first and last stage hold the tied word embedding;
+            # summing their gradients keeps the two copies identical after every step.
+            for p in self.tied:
+                dist.all_reduce(p.grad, group=self.embed_group)
 
     def norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """Global L2 norm of the gradients of the whole (unsharded) model."""
-        sharded = [p.grad for p in params if p.grad is not None and getattr(p, "shard_spec", None) is not None]
-        whole = [p.grad for p in params if p.grad is not None and getattr(p, "shard_spec", None) is None]
-        device = next(iter(params)).device
+        """Global L2 norm of the gradients of the whole (unsharded, unpipelined) model."""
+        params = [p for p in params if p.grad is not None and id(p) not in self.tied_copy]
+        sharded = [p.grad for p in params if getattr(p, "shard_spec", None) is not None]
+        whole = [p.grad for p in params if getattr(p, "shard_spec", None) is None]
+        device = next(self.model.parameters()).device
         sq_sharded = _sum_sq(sharded, device)
         if self.tp is not None:
             all_reduce_no_grad(sq_sharded, self.tp)
-        return (sq_sharded + _sum_sq(whole, device)).sqrt()
+        total = sq_sharded + _sum_sq(whole, device)
+        if self.pp_group is not None:
+            dist.all_reduce(total, group=self.pp_group)
+        return total.sqrt()
 
     def any_nonfinite(self, found: torch.Tensor) -> torch.Tensor:
         """fp16 overflow anywhere in the model skips the step on every rank."""
-        if self.tp is not None:
-            all_reduce_no_grad(found, self.tp, torch.distributed.ReduceOp.MAX)
+        if self.mp_group is not None:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.mp_group)
+        elif self.tp is not None:
+            all_reduce_no_grad(found, self.tp, dist.ReduceOp.MAX)
         return found
 
 

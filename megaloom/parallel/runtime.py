@@ -8,8 +8,14 @@ import torch
 import torch.distributed as dist
 
 from megaloom.config import Config, ConfigError
+from megaloom.model.init import init_model
+from megaloom.model.transformer import Transformer
 from megaloom.parallel.comm import TPGroup
-from megaloom.parallel.grid import ProcessGrid, validate_sizes
+from megaloom.parallel.grads import GradSync
+from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, validate_sizes
+from megaloom.parallel.pipeline import PipelineRunner, StageLink, rank_chunk_layers, stage_layers
+from megaloom.parallel.schedules import build_schedule, virtual_stage
+from megaloom.parallel.tensor import parallelize_tensor
 
 
 @dataclass(frozen=True)
@@ -51,3 +57,49 @@ def _device(name: str, env: LaunchEnv) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+@dataclass
+class Pipeline:
+    """What a pipeline-parallel rank trains: its model chunks, the runner, and the gradient sync."""
+
+    chunks: list[torch.nn.Module]
+    runner: PipelineRunner
+    sync: GradSync
+
+
+def build_pipeline(cfg: Config, grid: ProcessGrid, device: torch.device, tp: TPGroup | None) -> Pipeline:
+    """This rank's chunks of the model (initialised as slices of the single-device model), the runner
+    of the configured schedule, and the groups for the tied embedding. Collective: every rank calls it."""
+    p, m = cfg.parallel, cfg.model
+    microbatches = cfg.train.global_batch // (cfg.train.micro_batch * p.dp)
+    schedule = build_schedule(p.schedule, p.pp, microbatches, p.chunks)
+    stages = stage_layers(m.layers, p.pp, p.chunks, p.layers_per_stage or None)
+    chunks = []
+    for c, layer_ids in enumerate(rank_chunk_layers(grid.pp_rank, p.pp, p.chunks, stages)):
+        stage = virtual_stage(grid.pp_rank, c, p.pp)
+        chunk = Transformer(m, layer_ids, first=stage == 0, last=stage == p.pp * p.chunks - 1)
+        if tp is not None:
+            parallelize_tensor(chunk, tp)
+        init_model(chunk, cfg.train.seed)
+        chunks.append(chunk.to(device))
+    embed_group = _embedding_group(grid) if m.tied else None
+    tied = [ch.embed.tok.weight for ch in chunks if ch.embed is not None]
+    tied_copy = [ch.embed.tok.weight for ch in chunks if ch.embed is not None and not ch.first]
+    seq = m.seq_len // tp.size if tp is not None and tp.sequence_parallel else m.seq_len
+    link = StageLink(grid.pp_rank, p.pp, grid.ranks(Axis.PP), tp)
+    runner = PipelineRunner(chunks, schedule, link, (cfg.train.micro_batch, seq, m.hidden), device)
+    model = torch.nn.ModuleList(chunks)
+    sync = GradSync(model, tp, pp_group=grid.pp_group, embed_group=embed_group, tied=tied, tied_copy=tied_copy,
+                    mp_group=grid.mp_group)
+    return Pipeline(chunks, runner, sync)
+
+
+def _embedding_group(grid: ProcessGrid) -> dist.ProcessGroup | None:
+    """First and last pipeline stage of this rank's pipeline. Every rank creates every such group."""
+    mine = None
+    for ranks in group_ranks(Axis.PP, grid.tp, grid.pp, grid.dp):
+        group = dist.new_group([ranks[0], ranks[-1]])
+        if grid.rank in (ranks[0], ranks[-1]):
+            mine = group
+    return mine

@@ -136,15 +136,22 @@ class ParallelHead(nn.Module):
     """Logits split over the vocabulary and the vocab-parallel loss. Tied to the embedding shard (GPT-2)
     or its own column-parallel weight named `head.weight` (Llama)."""
 
-    def __init__(self, head: nn.Module, embed: ParallelEmbedding, tp: TPGroup):
+    def __init__(self, head: nn.Module, embed: ParallelEmbedding | None, tp: TPGroup):
         super().__init__()
-        self.tp, self.start = tp, embed.tok.start
+        self.tp = tp
         self._tied = [embed.tok] if head.weight is None else []
         self.weight = None
         if head.weight is not None:
-            self.weight = nn.Parameter(torch.empty(embed.tok.per_rank, head.weight.shape[1], dtype=head.weight.dtype))
+            vocab = head.weight.shape[0]
+            self.weight = nn.Parameter(torch.empty(vocab // tp.size, head.weight.shape[1], dtype=head.weight.dtype))
             self.weight.shard_spec = ShardSpec(tuple(head.weight.shape), dim=0, blocks=(head.weight.shape[0],),
                                                rank=tp.rank, size=tp.size)
+
+    @property
+    def start(self) -> int:
+        """First vocabulary row this rank holds."""
+        rows = self._tied[0].per_rank if self._tied else self.weight.shape[0]
+        return self.tp.rank * rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._tied[0].weight if self._tied else self.weight
@@ -173,9 +180,11 @@ def parallelize_tensor(model: nn.Module, tp: TPGroup) -> nn.Module:
         mlp.up = ColumnParallelLinear(mlp.up, tp, blocks=(cfg.ffn, cfg.ffn) if mlp.swiglu else None)
         mlp.down = RowParallelLinear(mlp.down, tp)
         block.drop.set_sequence_shard(tp)
-    model.embed = ParallelEmbedding(model.embed, tp)
-    model.embed.drop.set_sequence_shard(tp)
-    model.head = ParallelHead(model.head, model.embed, tp)
+    if model.embed is not None:
+        model.embed = ParallelEmbedding(model.embed, tp)
+        model.embed.drop.set_sequence_shard(tp)
+    if model.head is not None:
+        model.head = ParallelHead(model.head, model.embed, tp)
     model.tp = tp
     return model
 

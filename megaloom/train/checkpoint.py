@@ -23,18 +23,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megaloom.parallel.comm import TPGroup
+from megaloom.parallel.grid import ProcessGrid
 from megaloom.parallel.tensor import gather_full
 
 CKPT_DIR = "checkpoints"
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], config_toml: str,
-                    keep: int = 2, tp: TPGroup | None = None, rank: int = 0) -> Path:
+                    keep: int = 2, tp: TPGroup | None = None, grid: ProcessGrid | None = None) -> Path:
     """Collective when the run has several processes: every rank calls it."""
+    rank = grid.rank if grid is not None else 0
     root = run_dir / CKPT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    weights = full_weights(model, tp)  # a collective under tensor parallelism
+    weights = full_weights(model, tp, grid)  # a collective under tensor and pipeline parallelism
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -59,14 +61,25 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
     return final
 
 
-def full_weights(model: nn.Module, tp: TPGroup | None = None) -> dict[str, torch.Tensor]:
-    """Canonical full fp32 weights on the CPU. The tied GPT-2 head is the embedding, stored once as
-    `embed.tok.weight`; tensor-parallel shards are gathered into full tensors."""
+def full_weights(model: nn.Module, tp: TPGroup | None = None, grid: ProcessGrid | None = None) -> dict[str, torch.Tensor]:
+    """Canonical full fp32 weights on the CPU (complete on rank 0). The tied GPT-2 head is the
+    embedding, stored once as `embed.tok.weight`; tensor-parallel shards are gathered into full
+    tensors, pipeline stages (model chunks) into one dictionary."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    out = {}
-    for name, p in model.named_parameters():
-        full = gather_full(p, tp) if tp is not None else p.detach()
-        out[name] = full.float().cpu().contiguous().clone()
+    chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
+    out: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            full = gather_full(p, tp) if tp is not None else p.detach()
+            out.setdefault(name, full.float().cpu().contiguous().clone())
+    if grid is not None and grid.pp > 1:
+        parts = [None] * grid.world_size if grid.rank == 0 else None
+        mine = out if grid.tp_rank == 0 and grid.dp_rank == 0 else {}
+        dist.gather_object(mine, parts, dst=0)
+        out = {}
+        for part in parts or []:
+            for name, value in part.items():
+                out.setdefault(name, value)  # the last stage's copy of the tied embedding equals the first's
     return out
 
 

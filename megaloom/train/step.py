@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from megaloom.parallel.grads import GradSync, clip_
+from megaloom.parallel.pipeline import PipelineRunner
 from megaloom.train.precision import DynamicLossScaler, autocast
 
 
@@ -21,26 +22,31 @@ class StepResult:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[tuple[torch.Tensor, torch.Tensor]],
                *, precision: str = "fp32", scaler: DynamicLossScaler | None = None, grad_clip: float = 0.0,
-               sync: GradSync | None = None) -> StepResult:
+               sync: GradSync | None = None, pipeline: PipelineRunner | None = None) -> StepResult:
     """Accumulate gradients of the mean loss over equal-sized micro-batches, then step.
 
     Each micro-batch loss is divided by their number, so k micro-batches of b sequences give the
     gradient of one batch of k·b sequences (the same tokens per micro-batch make the means agree).
-    `sync` completes gradients and computes the global norm across a process grid.
+    `sync` completes gradients and computes the global norm across a process grid; `pipeline` runs the
+    micro-batches through the pipeline schedule instead of one after the other (the returned loss is
+    then only known on the last stage, 0 elsewhere).
     """
     sync = sync or GradSync(model)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    for x, y in microbatches:
-        with autocast(precision, device):
-            loss = model(x, y)
-        total += loss.detach().float()
-        scaled = loss / len(microbatches)
-        if scaler is not None:
-            scaled = scaler.scale_loss(scaled)
-        scaled.backward()
+    if pipeline is not None:
+        total = pipeline.forward_backward(microbatches, precision, scaler.scale if scaler else 1.0) * len(microbatches)
+    else:
+        total = torch.zeros((), device=device)
+        for x, y in microbatches:
+            with autocast(precision, device):
+                loss = model(x, y)
+            total += loss.detach().float()
+            scaled = loss / len(microbatches)
+            if scaler is not None:
+                scaled = scaler.scale_loss(scaled)
+            scaled.backward()
     sync.finish()
     skipped = False
     if scaler is not None:

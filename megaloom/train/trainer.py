@@ -22,7 +22,7 @@ from megaloom.observe.plots import plot_loss
 from megaloom.observe.progress import Console
 from megaloom.parallel.grads import GradSync
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.parallel.runtime import tp_group
+from megaloom.parallel.runtime import build_pipeline, tp_group
 from megaloom.perf.flops import model_flops_per_token
 from megaloom.perf.hardware import peak_flops
 from megaloom.train.checkpoint import save_checkpoint
@@ -70,8 +70,13 @@ class Trainer:
         self.loader = BatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed,
                                   pin_memory=self.device.type == "cuda")
         self.tp = tp_group(grid, cfg.parallel.sequence_parallel)
-        self.model = build_model(m, t.seed, self.device, tp=self.tp)
-        self.sync = GradSync(self.model, self.tp)
+        self.pipe = build_pipeline(cfg, grid, self.device, self.tp) if grid.pp > 1 else None
+        if self.pipe is not None:
+            self.model = torch.nn.ModuleList(self.pipe.chunks)
+            self.sync = self.pipe.sync
+        else:
+            self.model = build_model(m, t.seed, self.device, tp=self.tp)
+            self.sync = GradSync(self.model, self.tp)
         self.optimizer = build_optimizer(self.model, t)
         self.step_model = torch.compile(self.model) if t.compile else self.model
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
@@ -109,7 +114,7 @@ class Trainer:
                 self.step += 1
                 eval_now = self.step == t.steps or (t.eval_every and self.step % t.eval_every == 0)
                 if self.step == 1 or self.step % cfg.log.every == 0 or eval_now:
-                    loss = torch.stack(pending).mean().item()  # the one host sync per logged interval
+                    loss = self.pipeline_sum(torch.stack(pending).mean()).item()  # one host sync per interval
                     now = time.perf_counter()
                     tokens = len(pending) * tokens_per_step
                     row = self.metrics_row(loss, result.grad_norm, tokens / (now - last_time))
@@ -140,7 +145,8 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
         result = train_step(self.step_model, self.optimizer, micro, precision=t.precision,
-                            scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync)
+                            scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync,
+                            pipeline=self.pipe.runner if self.pipe else None)
         self.skipped += result.skipped
         return result
 
@@ -167,16 +173,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation, saving, sampling
 
+    def pipeline_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Losses live on the last pipeline stage (0 elsewhere): the sum over the pp group gives every
+        rank, rank 0 included, the value."""
+        if self.grid.pp > 1:
+            torch.distributed.all_reduce(value, group=self.grid.pp_group)
+        return value
+
     @torch.no_grad()
     def evaluate(self) -> float:
         t, m = self.cfg.train, self.cfg.model
         self.model.eval()
-        losses = []
-        for x, y in eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches):
-            with autocast(t.precision, self.device):
-                losses.append(self.model(x.to(self.device), y.to(self.device)).float())
+        batches = [(x.to(self.device), y.to(self.device))
+                   for x, y in eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches)]
+        if self.pipe is not None:
+            loss = self.pipeline_sum(self.pipe.runner.forward_only(batches, t.precision))
+        else:
+            losses = []
+            for x, y in batches:
+                with autocast(t.precision, self.device):
+                    losses.append(self.model(x, y).float())
+            loss = torch.stack(losses).mean()
         self.model.train()
-        return torch.stack(losses).mean().item()
+        return loss.item()
 
     def train_state(self) -> dict:
         return {
@@ -191,11 +210,11 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.train_state(), to_toml(self.cfg),
-                               keep=self.cfg.checkpoint.keep, tp=self.tp, rank=self.grid.rank)
+                               keep=self.cfg.checkpoint.keep, tp=self.tp, grid=self.grid)
 
     def samples(self) -> list[str]:
         t = self.cfg.train
-        if self.tp is not None:
+        if self.tp is not None or self.pipe is not None:
             return []  # sampling runs on one process: `megaloom generate RUN_DIR` reads the consolidated weights
         out = []
         gen = torch.Generator(device=self.device).manual_seed(t.seed)
@@ -217,6 +236,7 @@ class Trainer:
                      f"{self.corpus.tokenizer} tokenizer ({self.corpus.vocab_size} tokens)"),
             ("batch", f"{t.global_batch} x {m.seq_len} tokens = {t.micro_batch} per micro-batch x {accum} accumulation"),
             ("grid", f"tp={self.grid.tp} pp={self.grid.pp} dp={self.grid.dp}"
+                     f"{f', {self.cfg.parallel.schedule} schedule' if self.pipe else ''}"
                      f"{', sequence parallel' if self.cfg.parallel.sequence_parallel and self.tp else ''}"),
             ("device", f"{self.device}{' (' + device_name(self.device) + ')' if device_name(self.device) else ''}, "
                        f"{t.precision}"),

@@ -1,0 +1,230 @@
+"""The pipeline runtime: executes one rank's action list (from `schedules.py`) with batched p2p.
+
+Megatron-LM paper §2.2 (reference/004). The schedule is data: `lower()` turns the per-rank compute
+order into compute + send/receive actions, and this interpreter runs them. Consecutive communication
+actions go out as one `batch_isend_irecv` (e.g. "send my forward output, receive the next backward
+gradient", as Megatron pairs them); sends complete in the background and are waited for at the end of
+the step, receives are waited for before the compute that needs them. Because sends never block, a
+schedule whose dependency simulation completes (`validate`) cannot deadlock here.
+
+Scatter/gather (paper §4.1): with tensor parallelism the tensor sent between stages is replicated on
+the t ranks of a stage, so each tp rank sends only its 1/t slice to its peer, and the receiving stage
+rebuilds the whole with an all-gather over its tp group (fast NVLink) — b·s·h/t per inter-node link
+instead of b·s·h. Under sequence parallelism the tensor is already split along the sequence, so each
+rank simply sends its own part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaloom.parallel.comm import TPGroup
+from megaloom.parallel.schedules import Action, Op, Schedule, lower, stage_location, virtual_stage
+from megaloom.train.precision import autocast
+
+
+@dataclass
+class StageLink:
+    """How this rank reaches the other stages of its pipeline."""
+
+    pp_rank: int
+    pp: int
+    peers: list[int]  # global rank of pipeline rank q (same tp and dp coordinates)
+    tp: TPGroup | None = None
+
+    @property
+    def scatter(self) -> bool:
+        return self.tp is not None and self.tp.size > 1 and not self.tp.sequence_parallel
+
+
+@dataclass
+class _MicroState:
+    inputs: torch.Tensor | None = None   # what F consumed (requires grad past the first stage)
+    output: torch.Tensor | None = None   # F's output, or the scaled loss on the last stage
+    grad: torch.Tensor | None = None     # gradient of `output` received from the next stage
+
+
+@dataclass
+class PipelineStats:
+    peak_in_flight: int = 0   # most micro-batch-chunks holding activations at once
+    sent_bytes: float = 0.0   # p2p bytes this rank sent this step
+    extra: dict = field(default_factory=dict)
+
+
+class PipelineRunner:
+    """Runs the training (or forward-only) actions of one pipeline rank over its model chunks."""
+
+    def __init__(self, chunks: list[nn.Module], schedule: Schedule, link: StageLink, act_shape: tuple[int, ...],
+                 device: torch.device):
+        self.chunks, self.schedule, self.link = chunks, schedule, link
+        self.act_shape, self.device = act_shape, device  # (micro_batch, local seq, hidden)
+        self.train_actions = lower(schedule)[link.pp_rank]
+        self.n_stages = schedule.pp * schedule.chunks
+        self.stats = PipelineStats()
+
+    # ------------------------------------------------------------------ public
+
+    def forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+                         loss_scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of every micro-batch; returns the summed mean loss (last stage; 0 elsewhere)."""
+        return self._run(self.train_actions, microbatches, precision, loss_scale, train=True)
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]], precision: str) -> torch.Tensor:
+        """Mean loss over any number of micro-batches (last stage; 0 elsewhere): chunk by chunk, all
+        micro-batches through each, which needs no backward and cannot deadlock with async sends."""
+        p, v, m = self.schedule.pp, self.schedule.chunks, len(microbatches)
+        order = tuple(tuple(Action(Op.FORWARD, mb, c) for c in range(v) for mb in range(m)) for _ in range(p))
+        actions = lower(Schedule("forward-only", p, m, v, order))[self.link.pp_rank]
+        return self._run(actions, microbatches, precision, 1.0, train=False)
+
+    # ------------------------------------------------------------------ interpreter
+
+    def _run(self, actions, microbatches, precision, loss_scale, train):
+        if train and len(microbatches) != self.schedule.microbatches:
+            raise ValueError(f"the schedule has {self.schedule.microbatches} micro-batches, got {len(microbatches)}")
+        self.stats = PipelineStats()
+        states: dict[tuple[int, int], _MicroState] = {}
+        total = torch.zeros((), device=self.device)
+        sends: list[dist.Work] = []
+        i = 0
+        while i < len(actions):
+            if actions[i].op.is_comm:
+                j = i
+                while j < len(actions) and actions[j].op.is_comm:
+                    j += 1
+                self._communicate(actions[i:j], states, sends)
+                i = j
+                continue
+            a = actions[i]
+            st = states.setdefault((a.microbatch, a.chunk), _MicroState())
+            if a.op is Op.FORWARD:
+                total += self._forward(a, st, microbatches, precision, loss_scale, train)
+                in_flight = sum(1 for s in states.values() if s.output is not None)
+                self.stats.peak_in_flight = max(self.stats.peak_in_flight, in_flight)
+            else:
+                self._backward(a, st)
+            if a.op in (Op.BACKWARD, Op.BACKWARD_WEIGHT) or (not train and self._is_last(a)):
+                st.output = st.grad = None  # this micro-batch's activations are released
+            i += 1
+        for w in sends:
+            w.wait()
+        return total
+
+    def _is_first(self, a: Action) -> bool:
+        return virtual_stage(self.link.pp_rank, a.chunk, self.link.pp) == 0
+
+    def _is_last(self, a: Action) -> bool:
+        return virtual_stage(self.link.pp_rank, a.chunk, self.link.pp) == self.n_stages - 1
+
+    def _forward(self, a, st, microbatches, precision, loss_scale, train) -> torch.Tensor:
+        x, y = microbatches[a.microbatch]
+        chunk = self.chunks[a.chunk]
+        if self._is_first(a):
+            st.inputs = x
+        elif train:
+            st.inputs.requires_grad_(True)
+        with autocast(precision, self.device):
+            out = chunk(st.inputs, y) if self._is_last(a) else chunk(st.inputs)
+        if self._is_last(a):
+            st.output = out / len(microbatches) * loss_scale
+            return out.detach().float() / len(microbatches)
+        st.output = out
+        return torch.zeros((), device=self.device)
+
+    def _backward(self, a: Action, st: _MicroState) -> None:
+        grad = None if self._is_last(a) else st.grad
+        params = [p for p in self.chunks[a.chunk].parameters() if p.requires_grad]
+        if a.op is Op.BACKWARD:
+            torch.autograd.backward(st.output, grad)
+        elif a.op is Op.BACKWARD_INPUT:
+            # zero-bubble: the input gradient now (the previous stage waits for it), weights later
+            if not self._is_first(a):
+                (st.inputs.grad,) = torch.autograd.grad(st.output, st.inputs, grad, retain_graph=True)
+        else:  # BACKWARD_WEIGHT: the same graph, accumulating into the parameters only
+            torch.autograd.backward(st.output, grad, inputs=params)
+
+    # ------------------------------------------------------------------ p2p
+
+    def _communicate(self, comm: tuple[Action, ...], states, sends: list) -> None:
+        ops, recvs = [], []
+        for a in comm:
+            st = states.setdefault((a.microbatch, a.chunk), _MicroState())
+            peer = self.link.peers[a.peer]
+            if a.op is Op.SEND_F:
+                ops.append(dist.P2POp(dist.isend, self._outgoing(st.output.detach()), peer))
+            elif a.op is Op.SEND_B:
+                ops.append(dist.P2POp(dist.isend, self._outgoing(st.inputs.grad), peer))
+                st.inputs = None
+            else:
+                buf = torch.empty(self._wire_numel(), device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buf, peer))
+                recvs.append((a, st, buf))
+        works = dist.batch_isend_irecv(ops)
+        for op, w in zip(ops, works):
+            if op.op is dist.isend:
+                sends.append(w)
+                self.stats.sent_bytes += op.tensor.numel() * op.tensor.element_size()
+            else:
+                w.wait()
+        for a, st, buf in recvs:
+            full = self._incoming(buf)
+            if a.op is Op.RECV_F:
+                st.inputs = full
+            else:
+                st.grad = full
+
+    def _wire_numel(self) -> int:
+        n = 1
+        for d in self.act_shape:
+            n *= d
+        return n // self.link.tp.size if self.link.scatter else n
+
+    def _outgoing(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.float().contiguous().reshape(-1)
+        if self.link.scatter:  # send only this tp rank's slice
+            return flat.chunk(self.link.tp.size)[self.link.tp.rank].contiguous()
+        return flat
+
+    def _incoming(self, buf: torch.Tensor) -> torch.Tensor:
+        if self.link.scatter:  # rebuild the replicated tensor from the tp ranks' slices
+            parts = [torch.empty_like(buf) for _ in range(self.link.tp.size)]
+            dist.all_gather(parts, buf, group=self.link.tp.group)
+            self.link.tp.counter.add("all_gather", buf.numel() * buf.element_size() * self.link.tp.size,
+                                     self.link.tp.size)
+            buf = torch.cat(parts)
+        return buf.view(self.act_shape).detach()
+
+
+def stage_layers(layers: int, pp: int, chunks: int, layers_per_stage: list[int] | None = None) -> list[range]:
+    """Global layer ids of each virtual stage (stage s = chunk·pp + rank, as in the paper's Figure 4)."""
+    n = pp * chunks
+    if layers_per_stage:
+        from megaloom.config import ConfigError
+
+        if len(layers_per_stage) != n or sum(layers_per_stage) != layers or min(layers_per_stage) < 1:
+            raise ConfigError(f"parallel.layers_per_stage = {layers_per_stage} must have parallel.pp x parallel.chunks = "
+                              f"{n} positive entries summing to model.layers ({layers})")
+        sizes = layers_per_stage
+    else:
+        if layers % n:
+            from megaloom.config import ConfigError
+
+            even = [layers // n + (1 if i < layers % n else 0) for i in range(n)]
+            raise ConfigError(f"model.layers ({layers}) is not divisible by parallel.pp x parallel.chunks ({n}); "
+                              f"set parallel.layers_per_stage = {even} or change the sizes")
+        sizes = [layers // n] * n
+    starts = [sum(sizes[:i]) for i in range(n)]
+    return [range(s, s + k) for s, k in zip(starts, sizes)]
+
+
+def rank_chunk_layers(pp_rank: int, pp: int, chunks: int, stages: list[range]) -> list[range]:
+    """The layers of each model chunk this pipeline rank holds."""
+    return [stages[virtual_stage(pp_rank, c, pp)] for c in range(chunks)]
+
+
+__all__ = ["PipelineRunner", "PipelineStats", "StageLink", "rank_chunk_layers", "stage_layers", "stage_location"]

@@ -1,0 +1,119 @@
+"""Pipeline parallelism (every schedule, with and without tensor parallelism) equals one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megaloom.config import load_config
+from megaloom.model import build_model
+from megaloom.parallel.grid import ProcessGrid
+from megaloom.parallel.runtime import build_pipeline, tp_group
+from megaloom.parallel.schedules import simulate
+from megaloom.train.optim import build_optimizer
+from megaloom.train.step import train_step
+
+from .launch import run_workers
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]
+
+
+def _cfg(family, tp, pp, schedule, chunks, sp=False, dropout=0.0):
+    sets = [f"model.family={family!r}", "model.layers=8", "model.hidden=32", "model.heads=4", "model.vocab_size=64",
+            "model.seq_len=16", f"model.dropout={dropout}", "train.global_batch=16", "train.micro_batch=2",
+            "train.lr=0.003", "train.grad_clip=0.5", "data.vocab_size=64", f"parallel.tp={tp}", f"parallel.pp={pp}",
+            f"parallel.schedule={schedule!r}", f"parallel.chunks={chunks}", f"parallel.sequence_parallel={str(sp).lower()}"]
+    if family == "llama":
+        sets.append("model.kv_heads=2")
+    return load_config(None, sets)
+
+
+def _batch(cfg, step):
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch, cfg.model.seq_len + 1),
+                      generator=torch.Generator().manual_seed(step))
+    return list(zip(x[:, :-1].split(cfg.train.micro_batch), x[:, 1:].split(cfg.train.micro_batch)))
+
+
+def _reference(cfg, steps):
+    """Single-process: first-step loss and gradients, then the loss curve."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.train.seed)
+    opt = build_optimizer(model, cfg.train)
+    curve, grads = [], None
+    for step in range(steps):
+        r = train_step(model, opt, _batch(cfg, step), grad_clip=cfg.train.grad_clip)
+        curve.append(r.loss.item())
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return torch.tensor(curve), grads
+
+
+def _pipeline_worker(rank, world, family, tp, pp, sp):
+    torch.set_num_threads(1)
+    # the single-process reference does not depend on the schedule: compute it once per dropout
+    refs = {d: _reference(_cfg(family, 1, 1, "1f1b", 1, dropout=d), 10) for d in (0.0, 0.1)}
+    for schedule, chunks in SCHEDULES:
+        for dropout in (0.0, 0.1):
+            cfg = _cfg(family, tp, pp, schedule, chunks, sp, dropout)
+            ref_curve, ref_grads = refs[dropout]
+            grid = ProcessGrid.build(tp, pp, 1, rank=rank, world_size=world, model=cfg.model)
+            tpg = tp_group(grid, sp)
+            pipe = build_pipeline(cfg, grid, torch.device("cpu"), tpg)
+            model = torch.nn.ModuleList(pipe.chunks)
+            opt = build_optimizer(model, cfg.train)
+            torch.manual_seed(0)
+            curve = []
+            for step in range(10):
+                r = train_step(model, opt, _batch(cfg, step), grad_clip=cfg.train.grad_clip, sync=pipe.sync,
+                               pipeline=pipe.runner)
+                loss = r.loss.clone()
+                dist.all_reduce(loss, group=grid.pp_group)
+                curve.append(loss.item())
+                if step == 0 and dropout == 0.0:
+                    _check_grads(pipe, ref_grads, f"{schedule} tp={tp} pp={pp}")
+                    peak = pipe.runner.stats.peak_in_flight
+                    # the runtime holds exactly the activations the simulator predicts for these action lists
+                    expected = simulate(pipe.runner.schedule).peak_in_flight[grid.pp_rank]
+                    assert peak == expected, (schedule, grid.pp_rank, peak, expected)
+            torch.testing.assert_close(torch.tensor(curve), ref_curve, rtol=1e-4, atol=1e-4,
+                                       msg=f"loss curve {schedule} tp={tp} pp={pp} dropout={dropout}")
+            if dropout == 0.0:
+                torch.testing.assert_close(curve[0], ref_curve[0].item(), rtol=1e-5, atol=1e-6)
+
+
+def _check_grads(pipe, ref_grads, what):
+    """Each rank holds some layers (and a tp shard of them): their gradients are the reference's."""
+    for chunk in pipe.chunks:
+        for name, p in chunk.named_parameters():
+            ref = ref_grads[name]
+            spec = getattr(p, "shard_spec", None)
+            if spec is not None:
+                ref = spec.take(ref)
+            torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6, msg=f"{name} ({what})")
+
+
+@pytest.mark.parametrize("family, tp, pp, sp", [
+    ("gpt2", 1, 2, False), ("gpt2", 1, 4, False), ("llama", 2, 2, False), ("gpt2", 2, 2, True), ("gpt2", 2, 4, False),
+])
+def test_pipeline_equals_single_process(family, tp, pp, sp):
+    run_workers(_pipeline_worker, tp * pp, family, tp, pp, sp, timeout=600)
+
+
+def _count_worker(rank, world, schedule):
+    torch.set_num_threads(1)
+    cfg = _cfg("gpt2", 1, world, schedule, 1)
+    grid = ProcessGrid.build(1, world, 1, rank=rank, world_size=world, model=cfg.model)
+    pipe = build_pipeline(cfg, grid, torch.device("cpu"), None)
+    model = torch.nn.ModuleList(pipe.chunks)
+    train_step(model, build_optimizer(model, cfg.train), _batch(cfg, 0), sync=pipe.sync, pipeline=pipe.runner)
+    peaks = [None] * world
+    dist.all_gather_object(peaks, pipe.runner.stats.peak_in_flight)
+    m = cfg.train.global_batch // cfg.train.micro_batch
+    if schedule == "gpipe":
+        assert peaks == [m] * world, peaks  # GPipe stores every micro-batch's activations
+    else:
+        assert peaks == [world - r for r in range(world)], peaks  # 1F1B: at most p in flight
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_measured_activations_in_flight(schedule):
+    run_workers(_count_worker, 4, schedule, timeout=300)
