@@ -74,10 +74,18 @@ def _pipeline_worker(rank, world, family, tp, pp, sp):
                     # the runtime holds exactly the activations the simulator predicts for these action lists
                     expected = simulate(pipe.runner.schedule).peak_in_flight[grid.pp_rank]
                     assert peak == expected, (schedule, grid.pp_rank, peak, expected)
+                    _check_wire_volume(pipe, cfg, tp, sp)
             torch.testing.assert_close(torch.tensor(curve), ref_curve, rtol=1e-4, atol=1e-4,
                                        msg=f"loss curve {schedule} tp={tp} pp={pp} dropout={dropout}")
             if dropout == 0.0:
                 torch.testing.assert_close(curve[0], ref_curve[0].item(), rtol=1e-5, atol=1e-6)
+
+
+def _check_wire_volume(pipe, cfg, tp, sp):
+    """Scatter/gather (§4.1): each send carries b·s·h/t elements, with or without sequence parallelism."""
+    sends = sum(1 for a in pipe.runner.train_actions if a.op.value.startswith("SEND"))
+    b, s, h = cfg.train.micro_batch, cfg.model.seq_len, cfg.model.hidden
+    assert pipe.runner.stats.sent_bytes == sends * b * s * h // tp * 4, (pipe.runner.stats.sent_bytes, sends)
 
 
 def _check_grads(pipe, ref_grads, what):

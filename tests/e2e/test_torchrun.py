@@ -51,3 +51,36 @@ def test_tp_without_enough_processes_is_a_clear_error(capsys):
     assert main(["train", "configs/debug.toml", "--set", "parallel.tp=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "parallel.tp (2)" in err and "world size is 1" in err and "\n" not in err
+
+
+def test_torchrun_interleaved_pipeline_matches_single_process(tiny_corpus, tmp_path):
+    common = ["configs/debug.toml", *corpus_args(tiny_corpus), "--set", "model.layers=8", "--set", "train.micro_batch=2",
+              "--set", "train.steps=4", "--set", "log.every=1", "--set", "log.progress=false",
+              "--set", "log.tensorboard=false", "--set", "log.plot=false", "--set", "train.eval_every=2"]
+    assert main(["train", *common, "--run-dir", str(tmp_path / "single")]) == 0
+    cmd = [str(TORCHRUN), "--nproc_per_node", "4", "-m", "megaloom", "train", *common, "--set", "parallel.pp=4",
+           "--set", "parallel.schedule=interleaved", "--set", "parallel.chunks=2", "--run-dir", str(tmp_path / "pp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(tiny_corpus), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "interleaved schedule" in out.stdout
+    single, pp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "pp")
+    assert [r["step"] for r in pp] == [1, 2, 3, 4]
+    for a, b in zip(single, pp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert (a.get("val_loss") is None) == (b.get("val_loss") is None)
+        if a.get("val_loss") is not None:
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+
+
+def test_pipeline_config_errors_name_the_numbers(capsys):
+    assert main(["info", "configs/debug.toml", "--set", "parallel.pp=4", "--set", "parallel.schedule=interleaved",
+                 "--set", "parallel.chunks=2", "--set", "model.layers=8", "--set", "train.global_batch=24",
+                 "--set", "train.micro_batch=4"]) == 2
+    err = capsys.readouterr().err
+    assert "microbatches (6)" in err and "parallel.pp (4)" in err
+    assert main(["info", "configs/debug.toml", "--set", "parallel.pp=4", "--set", "model.layers=6"]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers (6)" in err and "parallel.layers_per_stage = [2, 2, 1, 1]" in err
+    assert main(["info", "configs/debug.toml", "--set", "parallel.pp=4", "--set", "model.layers=6",
+                 "--set", "parallel.layers_per_stage=[2, 2, 1, 1]"]) == 0
