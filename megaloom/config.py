@@ -260,6 +260,10 @@ def validate(cfg: Config) -> None:
     _non_negative(cfg, "model.kv_heads", "model.ffn_hidden", "train.warmup", "train.eval_every",
                   "train.samples", "train.grad_clip", "train.weight_decay", "train.min_lr",
                   "checkpoint.every", "data.max_bytes", "data.bpe_train_bytes")
+    for key, cap in (("parallel.tp", 2**20), ("parallel.pp", 2**20), ("parallel.dp", 2**20), ("parallel.chunks", 1024)):
+        if get_value(cfg, key) > cap:
+            raise ConfigError(f"{key} = {get_value(cfg, key)} is larger than megaloom supports ({cap}); "
+                              "use a realistic size")
     if m.hidden % m.heads:
         raise ConfigError(f"model.hidden ({m.hidden}) must be a multiple of model.heads ({m.heads}); "
                           f"try model.heads={_divisor_near(m.hidden, m.heads)}")
@@ -299,9 +303,9 @@ def validate(cfg: Config) -> None:
                           "only; set them to 1/0")
     if p.pp > 1 or p.chunks > 1:  # the schedule and the layer split, checked before anything is built
         from megaloom.parallel.pipeline import stage_layers
-        from megaloom.parallel.schedules import build_schedule
+        from megaloom.parallel.schedules import check_schedule
 
-        build_schedule(p.schedule, p.pp, t.global_batch // (t.micro_batch * p.dp), p.chunks)
+        check_schedule(p.schedule, p.pp, t.global_batch // (t.micro_batch * p.dp), p.chunks)
         stage_layers(m.layers, p.pp, p.chunks, p.layers_per_stage or None)
     elif p.layers_per_stage:
         raise ConfigError(f"parallel.layers_per_stage = {p.layers_per_stage} needs parallel.pp > 1")
@@ -328,8 +332,13 @@ def _non_negative(cfg: Config, *keys: str) -> None:
 
 
 def _divisor_near(n: int, want: int) -> int:
-    divisors = [x for x in range(1, n + 1) if n % x == 0]
-    return min(divisors, key=lambda x: (abs(x - want), x))
+    """The divisor of n closest to `want` (the smaller on a tie), looking at most 10,000 steps away:
+    the values are user input and may be huge."""
+    for step in range(10_000):
+        for x in (want - step, want + step):
+            if 1 <= x <= n and n % x == 0:
+                return x
+    return 1
 
 
 def get_value(cfg: Config, dotted: str) -> Any:

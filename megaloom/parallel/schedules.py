@@ -211,6 +211,18 @@ def build_schedule(kind: ScheduleKind | str, p: int, m: int, v: int = 1) -> Sche
 
     Interleaved with v = 1 is accepted and is 1F1B (one chunk per rank leaves nothing to interleave).
     """
+    kind = check_schedule(kind, p, m, v)
+    if kind is ScheduleKind.GPIPE:
+        return gpipe(p, m)
+    if kind is ScheduleKind.ONE_F_ONE_B:
+        return one_f_one_b(p, m)
+    if kind is ScheduleKind.INTERLEAVED:
+        return interleaved_1f1b(p, m, v)
+    return zero_bubble_h1(p, m)
+
+
+def check_schedule(kind: ScheduleKind | str, p: int, m: int, v: int = 1) -> ScheduleKind:
+    """The arithmetic checks of `build_schedule`, without building anything (config validation)."""
     if not isinstance(kind, ScheduleKind):
         try:
             kind = ScheduleKind(kind)
@@ -231,13 +243,7 @@ def build_schedule(kind: ScheduleKind | str, p: int, m: int, v: int = 1) -> Sche
         raise ConfigError(f'parallel.schedule = "interleaved" needs microbatches ({m}) to be a multiple of '
                           f"parallel.pp ({p}); {_MICROBATCHES}, so change train.global_batch or "
                           f"train.micro_batch (e.g. to get {hint} microbatches)")
-    if kind is ScheduleKind.GPIPE:
-        return gpipe(p, m)
-    if kind is ScheduleKind.ONE_F_ONE_B:
-        return one_f_one_b(p, m)
-    if kind is ScheduleKind.INTERLEAVED:
-        return interleaved_1f1b(p, m, v)
-    return zero_bubble_h1(p, m)
+    return kind
 
 
 # ---------------------------------------------------------------- lowering

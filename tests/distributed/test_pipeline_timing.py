@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megaloom.parallel.grid import Axis, ProcessGrid
-from megaloom.parallel.pipeline import StageLink, PipelineRunner
+from megaloom.parallel.pipeline import PipelineRunner, StageLink
 from megaloom.parallel.schedules import Costs, build_schedule, simulate, virtual_stage
 
 from .launch import run_workers

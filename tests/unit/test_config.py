@@ -51,7 +51,7 @@ def test_overrides_types():
     ("train.global_batch=10", "train.global_batch (10) must be a multiple of train.micro_batch (16)"),
     ("model.kv_heads=2", "grouped-query attention needs model.family=\"llama\""),
     ("train.device=tpu", "train.device = 'tpu' is not auto, cpu, cuda or cuda:N"),
-    ("parallel.pp=2", "this version has tensor parallelism only"),
+    ("parallel.zero=1", "this version has tensor and pipeline parallelism only"),
     ("data.vocab_size=9000", "data.vocab_size (9000) exceeds model.vocab_size (4096)"),
     ("novalue", "--set 'novalue': expected section.key=value"),
 ])
@@ -130,3 +130,13 @@ def test_docs_list_every_key():
     for section, typ in SECTIONS.items():
         for f in dataclasses.fields(typ):
             assert f"`{section}.{f.name}`" in doc, f"docs/config.md lacks {section}.{f.name}"
+
+
+def test_huge_values_fail_fast():
+    """Found by the fuzzer: the divisor suggestion once scanned every integer up to model.hidden."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="must be a multiple of model.heads"):
+        load_config(None, ["model.hidden=1000000000000000001", "model.heads=7"])
+    assert time.perf_counter() - start < 1.0
