@@ -117,6 +117,7 @@ class ParallelConfig:
     zero: int = _f(0, "ZeRO stage 0-3")
     layers_per_stage: list[int] = _f([], "layers of each pipeline stage (pp x chunks entries); empty = an even split")
     sequence_parallel: bool = _f(False, "shard norms and dropout along the sequence over the tp ranks (Korthikanti et al.)")
+    grad_reduce_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the data-parallel gradient all-reduce")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend: auto = nccl on GPUs, gloo on CPUs")
 
 
@@ -298,9 +299,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompts is empty while train.samples > 0; give a prompt, e.g. [\"def \"]")
     if not d.sources:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
-    if (p.dp, p.zero) != (1, 0):
-        raise ConfigError(f"parallel.dp/zero = {p.dp}/{p.zero}: this version has tensor and pipeline parallelism "
-                          "only; set them to 1/0")
+    if p.zero not in (0, 1):
+        raise ConfigError(f"parallel.zero = {p.zero}: this version implements ZeRO stages 0 and 1; "
+                          "set parallel.zero=1 (optimizer state sharded over dp) or 0")
     if p.pp > 1 or p.chunks > 1:  # the schedule and the layer split, checked before anything is built
         from megaloom.parallel.pipeline import stage_layers
         from megaloom.parallel.schedules import check_schedule

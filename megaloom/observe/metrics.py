@@ -25,6 +25,20 @@ def peak_memory_gib(device: torch.device) -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
+def memory_report(model: torch.nn.Module, optimizer, device: torch.device) -> dict[str, float | None]:
+    """This rank's memory by kind, GiB: parameters, gradients, optimizer state (1/d of it under ZeRO-1),
+    activations (on GPUs: peak allocated minus the rest; unknown on CPUs) and the peak."""
+    from megaloom.parallel.data import optimizer_state_bytes
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    opt = optimizer_state_bytes(optimizer)
+    peak = peak_memory_gib(device)
+    static = (params + grads + opt) / 2**30
+    return {"params_gib": params / 2**30, "grads_gib": grads / 2**30, "optimizer_gib": opt / 2**30,
+            "activations_gib": max(0.0, peak - static) if device.type == "cuda" else None, "peak_gib": peak}
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"

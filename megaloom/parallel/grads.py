@@ -1,6 +1,7 @@
 """Gradient finishing and the global gradient norm on a process grid.
 
-The global norm counts every parameter of the model exactly once: tensor-parallel shards contribute
+After `finish()` every data-parallel replica holds the same averaged gradients, so the norm needs no
+reduction over dp. The global norm counts every parameter of the model exactly once: tensor-parallel shards contribute
 their squares summed over the tp group; parameters every tp rank holds whole (norms, row-parallel
 biases) count once; pipeline stages add their totals over the pp group; the copy of the tied GPT-2
 embedding that the last pipeline stage holds is left out (the first stage counts it).
@@ -13,20 +14,36 @@ import torch.distributed as dist
 from torch import nn
 
 from megaloom.parallel.comm import TPGroup, all_reduce_no_grad
+from megaloom.parallel.data import GradBuffer
 from megaloom.parallel.tensor import sync_replicated_grads
 
 
 class GradSync:
     def __init__(self, model: nn.Module, tp: TPGroup | None = None, pp_group: dist.ProcessGroup | None = None,
                  embed_group: dist.ProcessGroup | None = None, tied_copy: list[nn.Parameter] | None = None,
-                 mp_group: dist.ProcessGroup | None = None, tied: list[nn.Parameter] | None = None):
-        self.model, self.tp = model, tp
+                 mp_group: dist.ProcessGroup | None = None, tied: list[nn.Parameter] | None = None,
+                 dp_buffer: GradBuffer | None = None):
+        self.model, self.tp, self.dp_buffer = model, tp, dp_buffer
         self.pp_group, self.embed_group, self.mp_group = pp_group, embed_group, mp_group
         self.tied = tied or []  # this rank's tied-embedding parameters (first and last stage)
         self.tied_copy = {id(p) for p in tied_copy or []}  # the last stage's copy: left out of the norm
 
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.dp_buffer is not None:
+            self.dp_buffer.zero()  # gradients are views into the buffer: zero it, never drop them
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
+    def arm(self) -> None:
+        """The coming backward is the batch's last: data-parallel buckets may reduce as they complete."""
+        if self.dp_buffer is not None:
+            self.dp_buffer.arm()
+
     def finish(self) -> None:
-        """Make every gradient complete before the norm and the step."""
+        """Make every gradient complete before the norm and the step: the data-parallel average, the
+        sequence-parallel sums, the tied-embedding sum."""
+        if self.dp_buffer is not None:
+            self.dp_buffer.finish()
         if self.tp is not None:
             sync_replicated_grads(self.model, self.tp)
         if self.embed_group is not None:

@@ -11,11 +11,13 @@ from megaloom.config import Config, ConfigError
 from megaloom.model.init import init_model
 from megaloom.model.transformer import Transformer
 from megaloom.parallel.comm import TPGroup
+from megaloom.parallel.data import DPGroup, GradBuffer, ShardedAdamW
 from megaloom.parallel.grads import GradSync
 from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, validate_sizes
 from megaloom.parallel.pipeline import PipelineRunner, StageLink, rank_chunk_layers, stage_layers
 from megaloom.parallel.schedules import build_schedule, virtual_stage
 from megaloom.parallel.tensor import parallelize_tensor
+from megaloom.train.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -61,16 +63,57 @@ def _device(name: str, env: LaunchEnv) -> torch.device:
 
 @dataclass
 class Pipeline:
-    """What a pipeline-parallel rank trains: its model chunks, the runner, and the gradient sync."""
+    """What a pipeline-parallel rank holds: its model chunks, the runner, the tied-embedding group."""
 
     chunks: list[torch.nn.Module]
     runner: PipelineRunner
+    embed_group: dist.ProcessGroup | None
+    tied: list[torch.nn.Parameter]
+    tied_copy: list[torch.nn.Parameter]
+
+
+@dataclass
+class Training:
+    """Everything the step needs on this rank, for any (t, p, d, zero)."""
+
+    model: torch.nn.Module  # the model, or a ModuleList of this rank's pipeline chunks
+    optimizer: torch.optim.Optimizer | ShardedAdamW
     sync: GradSync
+    runner: PipelineRunner | None
+    tp: TPGroup | None
+    dp_buffer: GradBuffer | None
+
+
+def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Training:
+    """Build this rank's part of the model (initialised as its slice of the single-device model), the
+    data-parallel gradient buffer, the (possibly ZeRO-sharded) optimizer and the gradient sync."""
+    tp = tp_group(grid, cfg.parallel.sequence_parallel)
+    pipe = build_pipeline(cfg, grid, device, tp) if grid.pp > 1 else None
+    if pipe is not None:
+        model: torch.nn.Module = torch.nn.ModuleList(pipe.chunks)
+    else:
+        model = Transformer(cfg.model)
+        if tp is not None:
+            parallelize_tensor(model, tp)
+        init_model(model, cfg.train.seed)
+        model = model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dp = DPGroup(grid.dp_group, grid.dp, grid.dp_rank)
+    buffer = None
+    if grid.dp > 1 or cfg.parallel.zero:
+        dtype = torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32
+        buffer = GradBuffer(params, dp, dtype)
+    optimizer = ShardedAdamW(params, buffer, cfg.train, dp) if cfg.parallel.zero == 1 else build_optimizer(model, cfg.train)
+    sync = GradSync(model, tp, pp_group=grid.pp_group if grid.pp > 1 else None,
+                    embed_group=pipe.embed_group if pipe else None, tied=pipe.tied if pipe else None,
+                    tied_copy=pipe.tied_copy if pipe else None, mp_group=grid.mp_group if grid.world_size > 1 else None,
+                    dp_buffer=buffer)
+    return Training(model, optimizer, sync, pipe.runner if pipe else None, tp, buffer)
 
 
 def build_pipeline(cfg: Config, grid: ProcessGrid, device: torch.device, tp: TPGroup | None) -> Pipeline:
     """This rank's chunks of the model (initialised as slices of the single-device model), the runner
-    of the configured schedule, and the groups for the tied embedding. Collective: every rank calls it."""
+    of the configured schedule, and the group for the tied embedding. Collective: every rank calls it."""
     p, m = cfg.parallel, cfg.model
     microbatches = cfg.train.global_batch // (cfg.train.micro_batch * p.dp)
     schedule = build_schedule(p.schedule, p.pp, microbatches, p.chunks)
@@ -89,10 +132,7 @@ def build_pipeline(cfg: Config, grid: ProcessGrid, device: torch.device, tp: TPG
     seq = m.seq_len // tp.size if tp is not None and tp.sequence_parallel else m.seq_len
     link = StageLink(grid.pp_rank, p.pp, grid.ranks(Axis.PP), tp)
     runner = PipelineRunner(chunks, schedule, link, (cfg.train.micro_batch, seq, m.hidden), device)
-    model = torch.nn.ModuleList(chunks)
-    sync = GradSync(model, tp, pp_group=grid.pp_group, embed_group=embed_group, tied=tied, tied_copy=tied_copy,
-                    mp_group=grid.mp_group)
-    return Pipeline(chunks, runner, sync)
+    return Pipeline(chunks, runner, embed_group, tied, tied_copy)
 
 
 def _embedding_group(grid: ProcessGrid) -> dist.ProcessGroup | None:

@@ -34,12 +34,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
     sync = sync or GradSync(model)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
+    sync.zero_grad(optimizer)
     if pipeline is not None:
         total = pipeline.forward_backward(microbatches, precision, scaler.scale if scaler else 1.0) * len(microbatches)
     else:
         total = torch.zeros((), device=device)
-        for x, y in microbatches:
+        for i, (x, y) in enumerate(microbatches):
+            if i == len(microbatches) - 1:
+                sync.arm()  # data-parallel reduction overlaps with the last backward
             with autocast(precision, device):
                 loss = model(x, y)
             total += loss.detach().float()

@@ -16,17 +16,16 @@ from megaloom.config import Config, ConfigError, to_toml
 from megaloom.data import BatchLoader, TokenDataset, load_tokenizer
 from megaloom.data.loader import eval_batches
 from megaloom.data.prepare import CorpusInfo
-from megaloom.model import build_model, count_parameters, generate
-from megaloom.observe.metrics import MetricsLogger, peak_memory_gib
+from megaloom.model import count_parameters, generate
+from megaloom.observe.metrics import MetricsLogger, memory_report, peak_memory_gib
 from megaloom.observe.plots import plot_loss
 from megaloom.observe.progress import Console
-from megaloom.parallel.grads import GradSync
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.parallel.runtime import build_pipeline, tp_group
+from megaloom.parallel.runtime import setup_training
 from megaloom.perf.flops import model_flops_per_token
 from megaloom.perf.hardware import peak_flops
 from megaloom.train.checkpoint import save_checkpoint
-from megaloom.train.optim import build_optimizer, lr_at, set_lr
+from megaloom.train.optim import lr_at, set_lr
 from megaloom.train.precision import DynamicLossScaler, autocast
 from megaloom.train.step import train_step
 
@@ -67,17 +66,12 @@ class Trainer:
         seed_everything(t.seed)
         self.train_data = TokenDataset(corpus.directory, "train")
         self.val_data = TokenDataset(corpus.directory, "val")
-        self.loader = BatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed,
-                                  pin_memory=self.device.type == "cuda")
-        self.tp = tp_group(grid, cfg.parallel.sequence_parallel)
-        self.pipe = build_pipeline(cfg, grid, self.device, self.tp) if grid.pp > 1 else None
-        if self.pipe is not None:
-            self.model = torch.nn.ModuleList(self.pipe.chunks)
-            self.sync = self.pipe.sync
-        else:
-            self.model = build_model(m, t.seed, self.device, tp=self.tp)
-            self.sync = GradSync(self.model, self.tp)
-        self.optimizer = build_optimizer(self.model, t)
+        # every data-parallel replica reads its slice of the same global batch
+        self.loader = BatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed, dp_rank=grid.dp_rank,
+                                  dp_size=grid.dp, pin_memory=self.device.type == "cuda")
+        self.parts = setup_training(cfg, grid, self.device)
+        self.tp, self.runner = self.parts.tp, self.parts.runner
+        self.model, self.optimizer, self.sync = self.parts.model, self.parts.optimizer, self.parts.sync
         self.step_model = torch.compile(self.model) if t.compile else self.model
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
         self.tokenizer = load_tokenizer(corpus.tokenizer_dir)
@@ -114,7 +108,7 @@ class Trainer:
                 self.step += 1
                 eval_now = self.step == t.steps or (t.eval_every and self.step % t.eval_every == 0)
                 if self.step == 1 or self.step % cfg.log.every == 0 or eval_now:
-                    loss = self.pipeline_sum(torch.stack(pending).mean()).item()  # one host sync per interval
+                    loss = self.reduce_loss(torch.stack(pending).mean()).item()  # one host sync per interval
                     now = time.perf_counter()
                     tokens = len(pending) * tokens_per_step
                     row = self.metrics_row(loss, result.grad_norm, tokens / (now - last_time))
@@ -146,7 +140,7 @@ class Trainer:
         micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
         result = train_step(self.step_model, self.optimizer, micro, precision=t.precision,
                             scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync,
-                            pipeline=self.pipe.runner if self.pipe else None)
+                            pipeline=self.runner)
         self.skipped += result.skipped
         return result
 
@@ -164,20 +158,28 @@ class Trainer:
         }
         if self.scaler is not None:
             row["loss_scale"] = self.scaler.scale
+        comm = {}
         if self.tp is not None:
             # bytes this rank sent per collective type, per step, over the logged interval
-            row["comm_bytes"] = {f"tp_{op}": sent / max(1, self.step - self.last_logged)
-                                 for op, sent in self.tp.counter.take().items()}
+            comm = {f"tp_{op}": sent / max(1, self.step - self.last_logged) for op, sent in self.tp.counter.take().items()}
+        if self.parts.dp_buffer is not None and self.grid.dp > 1:
+            comm["dp_all_reduce"] = self.parts.dp_buffer.sent_bytes()
+        if comm:
+            row["comm_bytes"] = comm
+        row["memory"] = memory_report(self.model, self.optimizer, self.device)
         self.last_logged = self.step
         return row
 
     # ------------------------------------------------------------------ evaluation, saving, sampling
 
-    def pipeline_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Losses live on the last pipeline stage (0 elsewhere): the sum over the pp group gives every
-        rank, rank 0 included, the value."""
+    def reduce_loss(self, value: torch.Tensor) -> torch.Tensor:
+        """Losses live on the last pipeline stage (0 elsewhere) of each replica: the sum over the pp
+        group, then the mean over the dp group, gives every rank (rank 0 included) the batch's loss."""
         if self.grid.pp > 1:
             torch.distributed.all_reduce(value, group=self.grid.pp_group)
+        if self.grid.dp > 1:
+            torch.distributed.all_reduce(value, group=self.grid.dp_group)
+            value = value / self.grid.dp
         return value
 
     @torch.no_grad()
@@ -186,14 +188,15 @@ class Trainer:
         self.model.eval()
         batches = [(x.to(self.device), y.to(self.device))
                    for x, y in eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches)]
-        if self.pipe is not None:
-            loss = self.pipeline_sum(self.pipe.runner.forward_only(batches, t.precision))
+        if self.runner is not None:
+            loss = self.runner.forward_only(batches, t.precision)
         else:
             losses = []
             for x, y in batches:
                 with autocast(t.precision, self.device):
                     losses.append(self.model(x, y).float())
             loss = torch.stack(losses).mean()
+        loss = self.reduce_loss(loss)  # every replica evaluates the same batches: the mean is the same
         self.model.train()
         return loss.item()
 
@@ -214,7 +217,7 @@ class Trainer:
 
     def samples(self) -> list[str]:
         t = self.cfg.train
-        if self.tp is not None or self.pipe is not None:
+        if self.grid.world_size > 1:
             return []  # sampling runs on one process: `megaloom generate RUN_DIR` reads the consolidated weights
         out = []
         gen = torch.Generator(device=self.device).manual_seed(t.seed)
@@ -236,7 +239,8 @@ class Trainer:
                      f"{self.corpus.tokenizer} tokenizer ({self.corpus.vocab_size} tokens)"),
             ("batch", f"{t.global_batch} x {m.seq_len} tokens = {t.micro_batch} per micro-batch x {accum} accumulation"),
             ("grid", f"tp={self.grid.tp} pp={self.grid.pp} dp={self.grid.dp}"
-                     f"{f', {self.cfg.parallel.schedule} schedule' if self.pipe else ''}"
+                     f"{f', {self.cfg.parallel.schedule} schedule' if self.runner else ''}"
+                     f"{f', ZeRO-{self.cfg.parallel.zero}' if self.cfg.parallel.zero else ''}"
                      f"{', sequence parallel' if self.cfg.parallel.sequence_parallel and self.tp else ''}"),
             ("device", f"{self.device}{' (' + device_name(self.device) + ')' if device_name(self.device) else ''}, "
                        f"{t.precision}"),
