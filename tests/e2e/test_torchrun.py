@@ -84,3 +84,22 @@ def test_pipeline_config_errors_name_the_numbers(capsys):
     assert "model.layers (6)" in err and "parallel.layers_per_stage = [2, 2, 1, 1]" in err
     assert main(["info", "configs/debug.toml", "--set", "parallel.pp=4", "--set", "model.layers=6",
                  "--set", "parallel.layers_per_stage=[2, 2, 1, 1]"]) == 0
+
+
+def test_torchrun_ptd_p_zero1_matches_single_process(tiny_corpus, tmp_path):
+    common = ["configs/debug.toml", *corpus_args(tiny_corpus), "--set", "train.steps=3", "--set", "log.every=1",
+              "--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "log.plot=false",
+              "--set", "train.micro_batch=2"]
+    assert main(["train", *common, "--run-dir", str(tmp_path / "single")]) == 0
+    cmd = [str(TORCHRUN), "--nproc_per_node", "8", "-m", "megaloom", "train", *common, "--set", "parallel.tp=2",
+           "--set", "parallel.pp=2", "--set", "parallel.dp=2", "--set", "parallel.zero=1",
+           "--run-dir", str(tmp_path / "ptdp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(tiny_corpus), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dp groups" in out.stdout and "ZeRO-1" in out.stdout
+    single, ptdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ptdp")
+    for a, b in zip(single, ptdp, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert set(b["memory"]) == {"params_gib", "grads_gib", "optimizer_gib", "activations_gib", "peak_gib"}
+        assert b["comm_bytes"]["dp_all_reduce"] > 0 and b["comm_bytes"]["tp_all_reduce"] > 0
