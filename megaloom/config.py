@@ -114,7 +114,7 @@ class ParallelConfig:
     dp: int = _f(1, "data-parallel size")
     schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = _f("1f1b", "pipeline schedule")
     chunks: int = _f(1, "model chunks per pipeline rank (interleaved schedule)")
-    zero: int = _f(0, "ZeRO stage 0-3")
+    zero: int = _f(0, "ZeRO stage: 0 = none, 1 = optimizer state sharded over dp (2 and 3 are not implemented yet)")
     layers_per_stage: list[int] = _f([], "layers of each pipeline stage (pp x chunks entries); empty = an even split")
     sequence_parallel: bool = _f(False, "shard norms and dropout along the sequence over the tp ranks (Korthikanti et al.)")
     grad_reduce_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the data-parallel gradient all-reduce")
