@@ -7,7 +7,7 @@ import torch.distributed as dist
 from megaloom.config import load_config
 from megaloom.model import build_model
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.parallel.runtime import build_pipeline, tp_group
+from megaloom.parallel.runtime import setup_training
 from megaloom.parallel.schedules import simulate
 from megaloom.train.optim import build_optimizer
 from megaloom.train.step import train_step
@@ -56,10 +56,8 @@ def _pipeline_worker(rank, world, family, tp, pp, sp):
             cfg = _cfg(family, tp, pp, schedule, chunks, sp, dropout)
             ref_curve, ref_grads = refs[dropout]
             grid = ProcessGrid.build(tp, pp, 1, rank=rank, world_size=world, model=cfg.model)
-            tpg = tp_group(grid, sp)
-            pipe = build_pipeline(cfg, grid, torch.device("cpu"), tpg)
-            model = torch.nn.ModuleList(pipe.chunks)
-            opt = build_optimizer(model, cfg.train)
+            pipe = setup_training(cfg, grid, torch.device("cpu"))
+            model, opt = pipe.model, pipe.optimizer
             torch.manual_seed(0)
             curve = []
             for step in range(10):
@@ -90,7 +88,7 @@ def _check_wire_volume(pipe, cfg, tp, sp):
 
 def _check_grads(pipe, ref_grads, what):
     """Each rank holds some layers (and a tp shard of them): their gradients are the reference's."""
-    for chunk in pipe.chunks:
+    for chunk in pipe.model:
         for name, p in chunk.named_parameters():
             ref = ref_grads[name]
             spec = getattr(p, "shard_spec", None)
@@ -110,9 +108,8 @@ def _count_worker(rank, world, schedule):
     torch.set_num_threads(1)
     cfg = _cfg("gpt2", 1, world, schedule, 1)
     grid = ProcessGrid.build(1, world, 1, rank=rank, world_size=world, model=cfg.model)
-    pipe = build_pipeline(cfg, grid, torch.device("cpu"), None)
-    model = torch.nn.ModuleList(pipe.chunks)
-    train_step(model, build_optimizer(model, cfg.train), _batch(cfg, 0), sync=pipe.sync, pipeline=pipe.runner)
+    pipe = setup_training(cfg, grid, torch.device("cpu"))
+    train_step(pipe.model, pipe.optimizer, _batch(cfg, 0), sync=pipe.sync, pipeline=pipe.runner)
     peaks = [None] * world
     dist.all_gather_object(peaks, pipe.runner.stats.peak_in_flight)
     m = cfg.train.global_batch // cfg.train.micro_batch
