@@ -114,7 +114,7 @@ class ParallelConfig:
     dp: int = _f(1, "data-parallel size")
     schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = _f("1f1b", "pipeline schedule")
     chunks: int = _f(1, "model chunks per pipeline rank (interleaved schedule)")
-    zero: int = _f(0, "ZeRO stage: 0 = none, 1 = optimizer state sharded over dp (2 and 3 are not implemented yet)")
+    zero: int = _f(0, "ZeRO stage over dp: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters (FSDP2)")
     layers_per_stage: list[int] = _f([], "layers of each pipeline stage (pp x chunks entries); empty = an even split")
     sequence_parallel: bool = _f(False, "shard norms and dropout along the sequence over the tp ranks (Korthikanti et al.)")
     grad_reduce_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the data-parallel gradient all-reduce")
@@ -299,9 +299,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompts is empty while train.samples > 0; give a prompt, e.g. [\"def \"]")
     if not d.sources:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
-    if p.zero not in (0, 1):
-        raise ConfigError(f"parallel.zero = {p.zero}: this version implements ZeRO stages 0 and 1; "
-                          "set parallel.zero=1 (optimizer state sharded over dp) or 0")
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero = {p.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
     if p.pp > 1 or p.chunks > 1:  # the schedule and the layer split, checked before anything is built
         from megaloom.parallel.pipeline import stage_layers
         from megaloom.parallel.schedules import check_schedule

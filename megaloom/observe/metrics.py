@@ -26,12 +26,13 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def memory_report(model: torch.nn.Module, optimizer, device: torch.device) -> dict[str, float | None]:
-    """This rank's memory by kind, GiB: parameters, gradients, optimizer state (1/d of it under ZeRO-1),
+    """This rank's memory by kind, GiB: parameters, gradients, optimizer state (what this rank holds:
+    under ZeRO-1 1/d of the optimizer state, ZeRO-2 also 1/d of the gradients, ZeRO-3 also of the parameters),
     activations (on GPUs: peak allocated minus the rest; unknown on CPUs) and the peak."""
-    from megaloom.parallel.data import optimizer_state_bytes
+    from megaloom.parallel.data import optimizer_state_bytes, tensor_bytes
 
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    params = sum(tensor_bytes(p) for p in model.parameters())
+    grads = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
     opt = optimizer_state_bytes(optimizer)
     peak = peak_memory_gib(device)
     static = (params + grads + opt) / 2**30

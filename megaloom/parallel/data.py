@@ -179,9 +179,14 @@ class ShardedAdamW:
                    if isinstance(t, torch.Tensor))
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank stores for `t` (its local shard when FSDP made it a DTensor)."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of optimizer state (Adam moments) this rank holds."""
     if isinstance(optimizer, ShardedAdamW):
         return optimizer.state_bytes()
-    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor))
+    return sum(tensor_bytes(t) for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor))

@@ -22,8 +22,8 @@ class GradSync:
     def __init__(self, model: nn.Module, tp: TPGroup | None = None, pp_group: dist.ProcessGroup | None = None,
                  embed_group: dist.ProcessGroup | None = None, tied_copy: list[nn.Parameter] | None = None,
                  mp_group: dist.ProcessGroup | None = None, tied: list[nn.Parameter] | None = None,
-                 dp_buffer: GradBuffer | None = None):
-        self.model, self.tp, self.dp_buffer = model, tp, dp_buffer
+                 dp_buffer: GradBuffer | None = None, fsdp: FSDPState | None = None):
+        self.model, self.tp, self.dp_buffer, self.fsdp = model, tp, dp_buffer, fsdp
         self.pp_group, self.embed_group, self.mp_group = pp_group, embed_group, mp_group
         self.tied = tied or []  # this rank's tied-embedding parameters (first and last stage)
         self.tied_copy = {id(p) for p in tied_copy or []}  # the last stage's copy: left out of the norm
@@ -33,11 +33,15 @@ class GradSync:
             self.dp_buffer.zero()  # gradients are views into the buffer: zero it, never drop them
         else:
             optimizer.zero_grad(set_to_none=True)
+        if self.fsdp is not None:
+            self.fsdp.gradient_sync(self.fsdp.always_sync)  # accumulate unreduced until the last micro-batch
 
     def arm(self) -> None:
         """The coming backward is the batch's last: data-parallel buckets may reduce as they complete."""
         if self.dp_buffer is not None:
             self.dp_buffer.arm()
+        if self.fsdp is not None:
+            self.fsdp.gradient_sync(True)
 
     def finish(self) -> None:
         """Make every gradient complete before the norm and the step: the data-parallel average, the
@@ -50,18 +54,22 @@ class GradSync:
             # Megatron-LM's embedding group: the first and last stage hold the tied word embedding;
             # summing their gradients keeps the two copies identical after every step.
             for p in self.tied:
-                dist.all_reduce(p.grad, group=self.embed_group)
+                dist.all_reduce(local(p.grad), group=self.embed_group)
 
     def norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """Global L2 norm of the gradients of the whole (unsharded, unpipelined) model."""
         params = [p for p in params if p.grad is not None and id(p) not in self.tied_copy]
-        sharded = [p.grad for p in params if getattr(p, "shard_spec", None) is not None]
-        whole = [p.grad for p in params if getattr(p, "shard_spec", None) is None]
+        sharded = [local(p.grad) for p in params if getattr(p, "shard_spec", None) is not None]
+        whole = [local(p.grad) for p in params if getattr(p, "shard_spec", None) is None]
         device = next(self.model.parameters()).device
-        sq_sharded = _sum_sq(sharded, device)
+        sq_sharded, sq_whole = _sum_sq(sharded, device), _sum_sq(whole, device)
+        if self.fsdp is not None:  # ZeRO-2/3: every gradient is split over the dp ranks
+            both = torch.stack([sq_sharded, sq_whole])
+            dist.all_reduce(both, group=self.fsdp.dp_group)
+            sq_sharded, sq_whole = both[0], both[1]
         if self.tp is not None:
             all_reduce_no_grad(sq_sharded, self.tp)
-        total = sq_sharded + _sum_sq(whole, device)
+        total = sq_sharded + sq_whole
         if self.pp_group is not None:
             dist.all_reduce(total, group=self.pp_group)
         return total.sqrt()
@@ -75,6 +83,22 @@ class GradSync:
         return found
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor that FSDP (ZeRO-2/3) turned into a DTensor; the tensor otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class FSDPState:
+    """ZeRO-2/3 through FSDP2's `fully_shard` on the dp axis: the roots to toggle gradient sync on."""
+
+    def __init__(self, roots: list[nn.Module], dp_group: dist.ProcessGroup, always_sync: bool):
+        self.roots, self.dp_group, self.always_sync = roots, dp_group, always_sync
+
+    def gradient_sync(self, on: bool) -> None:
+        for root in self.roots:
+            root.set_requires_gradient_sync(on)
+
+
 def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not grads:
         return torch.zeros((), device=device)
@@ -84,6 +108,6 @@ def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 def clip_(params: list[nn.Parameter], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients so their global norm is at most max_norm (as torch.nn.utils.clip_grad_norm_)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local(p.grad) for p in params if p.grad is not None]
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(grads, coef)

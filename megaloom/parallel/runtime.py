@@ -12,7 +12,7 @@ from megaloom.model.init import init_model
 from megaloom.model.transformer import Transformer
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.data import DPGroup, GradBuffer, ShardedAdamW
-from megaloom.parallel.grads import GradSync
+from megaloom.parallel.grads import FSDPState, GradSync
 from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, validate_sizes
 from megaloom.parallel.pipeline import PipelineRunner, StageLink, rank_chunk_layers, stage_layers
 from megaloom.parallel.schedules import build_schedule, virtual_stage
@@ -97,18 +97,57 @@ def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Trai
             parallelize_tensor(model, tp)
         init_model(model, cfg.train.seed)
         model = model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     dp = DPGroup(grid.dp_group, grid.dp, grid.dp_rank)
+    fsdp = None
+    if cfg.parallel.zero >= 2:
+        fsdp = _fully_shard(model, pipe, grid, cfg.parallel.zero, always_sync=pipe is not None)
+        if pipe is not None:  # FSDP2 replaced the parameter objects: find the tied embeddings again
+            pipe.tied = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None]
+            pipe.tied_copy = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None and not ch.first]
+    params = [p for p in model.parameters() if p.requires_grad]
     buffer = None
-    if grid.dp > 1 or cfg.parallel.zero:
+    if (grid.dp > 1 or cfg.parallel.zero == 1) and fsdp is None:
         dtype = torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32
         buffer = GradBuffer(params, dp, dtype)
     optimizer = ShardedAdamW(params, buffer, cfg.train, dp) if cfg.parallel.zero == 1 else build_optimizer(model, cfg.train)
     sync = GradSync(model, tp, pp_group=grid.pp_group if grid.pp > 1 else None,
                     embed_group=pipe.embed_group if pipe else None, tied=pipe.tied if pipe else None,
                     tied_copy=pipe.tied_copy if pipe else None, mp_group=grid.mp_group if grid.world_size > 1 else None,
-                    dp_buffer=buffer)
+                    dp_buffer=buffer, fsdp=fsdp)
     return Training(model, optimizer, sync, pipe.runner if pipe else None, tp, buffer)
+
+
+def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGrid, zero: int,
+                 always_sync: bool) -> FSDPState:
+    """ZeRO-2 (gradients and optimizer state split over dp) and ZeRO-3 (parameters too, gathered per
+    layer for forward and backward) through FSDP2's `fully_shard` on the dp axis of the grid. Each
+    transformer block is a unit, then each model (or pipeline chunk) as the root. Under pipelining every
+    micro-batch's backward reduce-scatters (the chunks' last backwards interleave with other work)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = next(model.parameters()).device.type
+    mesh = DeviceMesh.from_group(grid.dp_group if grid.dp > 1 else _self_group(grid), device_type)
+    roots = pipe.chunks if pipe is not None else [model]
+    specs = {name: p.shard_spec for name, p in model.named_parameters() if getattr(p, "shard_spec", None)}
+    for root in roots:
+        for block in root.layers.values():
+            fully_shard(block, mesh=mesh, reshard_after_forward=zero == 3)
+        fully_shard(root, mesh=mesh, reshard_after_forward=zero == 3)
+    for name, p in model.named_parameters():  # FSDP2 made new parameter objects: keep the tp shard specs
+        if name in specs:
+            p.shard_spec = specs[name]
+    return FSDPState(roots, grid.dp_group, always_sync)
+
+
+def _self_group(grid: ProcessGrid) -> dist.ProcessGroup:
+    """dp = 1 under ZeRO-2/3: a one-rank group per process (every rank creates every group)."""
+    mine = None
+    for r in range(grid.world_size):
+        g = dist.new_group([r])
+        if r == grid.rank:
+            mine = g
+    return mine
 
 
 def build_pipeline(cfg: Config, grid: ProcessGrid, device: torch.device, tp: TPGroup | None) -> Pipeline:

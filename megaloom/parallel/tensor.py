@@ -195,6 +195,7 @@ def sync_replicated_grads(model: nn.Module, tp: TPGroup) -> None:
     if tp.size == 1 or not tp.sequence_parallel:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "shard_spec", None) is None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # ZeRO-2/3: this dp rank's part
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         all_reduce_no_grad(flat, tp)
@@ -205,6 +206,8 @@ def sync_replicated_grads(model: nn.Module, tp: TPGroup) -> None:
 def gather_full(param: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """The full tensor of a (possibly sharded) parameter, reassembled block by block."""
     spec = getattr(param, "shard_spec", None)
+    if hasattr(param, "full_tensor"):  # ZeRO-3/2: first undo the split over dp (a collective)
+        param = param.full_tensor()
     if spec is None or tp.size == 1:
         return param.detach()
     parts = [torch.empty_like(param) for _ in range(tp.size)]

@@ -38,7 +38,7 @@ class DynamicLossScaler:
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
         """Divide gradients by the scale in place; True when any gradient is inf or nan (on any rank
         that `reduce` combines the flag over)."""
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
         if not grads:
             return False
         torch._foreach_mul_(grads, 1.0 / self.scale)

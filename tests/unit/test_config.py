@@ -51,7 +51,7 @@ def test_overrides_types():
     ("train.global_batch=10", "train.global_batch (10) must be a multiple of train.micro_batch (16)"),
     ("model.kv_heads=2", "grouped-query attention needs model.family=\"llama\""),
     ("train.device=tpu", "train.device = 'tpu' is not auto, cpu, cuda or cuda:N"),
-    ("parallel.zero=2", "this version implements ZeRO stages 0 and 1"),
+    ("parallel.zero=4", "parallel.zero = 4 is not a ZeRO stage; use 0, 1, 2 or 3"),
     ("data.vocab_size=9000", "data.vocab_size (9000) exceeds model.vocab_size (4096)"),
     ("novalue", "--set 'novalue': expected section.key=value"),
 ])
