@@ -118,6 +118,7 @@ class ParallelConfig:
     layers_per_stage: list[int] = _f([], "layers of each pipeline stage (pp x chunks entries); empty = an even split")
     sequence_parallel: bool = _f(False, "shard norms and dropout along the sequence over the tp ranks (Korthikanti et al.)")
     grad_reduce_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the data-parallel gradient all-reduce")
+    powersgd_rank: int = _f(0, "PowerSGD rank for the data-parallel gradient all-reduce (zero 0/1); 0 = off")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend: auto = nccl on GPUs, gloo on CPUs")
 
 
@@ -299,6 +300,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompts is empty while train.samples > 0; give a prompt, e.g. [\"def \"]")
     if not d.sources:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
+    if p.powersgd_rank < 0 or (p.powersgd_rank and p.zero >= 2):
+        raise ConfigError(f"parallel.powersgd_rank = {p.powersgd_rank} needs parallel.zero 0 or 1 (got {p.zero}) "
+                          "and must not be negative; FSDP's reduce-scatter (ZeRO-2/3) is not compressed")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero = {p.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
     if p.pp > 1 or p.chunks > 1:  # the schedule and the layer split, checked before anything is built

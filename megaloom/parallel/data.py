@@ -48,8 +48,10 @@ class _Bucket:
 class GradBuffer:
     """The flat gradient buffer of one model and its buckets."""
 
-    def __init__(self, params: list[nn.Parameter], dp: DPGroup, reduce_dtype: torch.dtype, bucket_mb: float = 25.0):
+    def __init__(self, params: list[nn.Parameter], dp: DPGroup, reduce_dtype: torch.dtype, bucket_mb: float = 25.0,
+                 powersgd_rank: int = 0, seed: int = 0):
         self.dp, self.reduce_dtype = dp, reduce_dtype
+        self.powersgd = PowerSGD(params, dp, powersgd_rank, seed) if powersgd_rank and dp.size > 1 else None
         self.params = params
         total = sum(p.numel() for p in params)
         device = params[0].device
@@ -84,7 +86,7 @@ class GradBuffer:
             b.pending = len(b.params)
 
     def _ready(self, p: nn.Parameter) -> None:
-        if not self.armed:
+        if not self.armed or self.powersgd is not None:
             return
         b = self._bucket_of[id(p)]
         b.pending -= 1
@@ -101,6 +103,10 @@ class GradBuffer:
 
     def finish(self) -> None:
         """Launch what has not started yet, wait for everything, leave averaged fp32 gradients."""
+        if self.powersgd is not None:
+            self.powersgd.reduce()
+            self.armed = False
+            return
         for b in self.buckets:
             self._launch(b)
         for b in self.buckets:
@@ -113,8 +119,56 @@ class GradBuffer:
 
     def sent_bytes(self) -> float:
         """Ring all-reduce bytes one rank sends for one reduction of the whole buffer."""
+        if self.powersgd is not None:
+            return 2 * (self.dp.size - 1) / self.dp.size * self.powersgd.wire_numel() * 4
         n = self.data.numel() * torch.finfo(self.reduce_dtype).bits // 8
         return 2 * (self.dp.size - 1) / self.dp.size * n
+
+
+class PowerSGD:
+    """Low-rank gradient compression for the dp all-reduce (Vogels et al. 2019, "PowerSGD", Alg. 1).
+
+    Each weight matrix's gradient M (plus the error left over from the previous step) is approximated
+    by P·Qᵀ of rank r: P = M·Q is all-reduced and orthonormalised, Q = Mᵀ·P is all-reduced, and the
+    part the approximation missed is fed back next step (error feedback), so nothing is lost for good.
+    Q is kept between steps (warm start). An n x m matrix sends r·(n + m) numbers instead of n·m; vectors
+    (biases, norm gains) are all-reduced as they are. Every replica draws the same initial Q from `seed`.
+    """
+
+    def __init__(self, params: list[nn.Parameter], dp: DPGroup, rank: int, seed: int):
+        self.dp, self.rank = dp, rank
+        gen = torch.Generator().manual_seed(seed)
+        self.matrices = [p for p in params if p.dim() == 2 and min(p.shape) > rank]
+        ids = {id(p) for p in self.matrices}
+        self.vectors = [p for p in params if id(p) not in ids]
+        self.q = [torch.randn(p.shape[1], rank, generator=gen).to(p.device) for p in self.matrices]
+        self.error = [torch.zeros_like(p, dtype=torch.float32) for p in self.matrices]
+
+    def wire_numel(self) -> int:
+        return sum(self.rank * sum(p.shape) for p in self.matrices) + sum(p.numel() for p in self.vectors)
+
+    def reduce(self) -> None:
+        d, group = self.dp.size, self.dp.group
+        if self.vectors:
+            flat = torch.cat([p.grad.reshape(-1) for p in self.vectors])
+            dist.all_reduce(flat, group=group)
+            for p, g in zip(self.vectors, flat.div_(d).split([p.numel() for p in self.vectors])):
+                p.grad.copy_(g.view_as(p))
+        if not self.matrices:
+            return
+        ms = [p.grad + e for p, e in zip(self.matrices, self.error)]
+        ps = [m @ q for m, q in zip(ms, self.q)]
+        flat = torch.cat([x.reshape(-1) for x in ps])
+        dist.all_reduce(flat, group=group)
+        ps = [torch.linalg.qr(x.view_as(p))[0] for x, p in zip(flat.div_(d).split([x.numel() for x in ps]), ps)]
+        qs = [m.T @ p for m, p in zip(ms, ps)]
+        flat = torch.cat([x.reshape(-1) for x in qs])
+        dist.all_reduce(flat, group=group)
+        self.q = [x.view_as(q).clone() for x, q in zip(flat.div_(d).split([x.numel() for x in qs]), qs)]
+        for p, m, e, pp, q in zip(self.matrices, ms, self.error, ps, self.q):
+            approx = pp @ q.T
+            e.copy_(m - approx)  # error feedback: what this step's approximation missed
+            p.grad.copy_(approx)
 
 
 class ShardedAdamW:

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from megaloom.config import load_config
 from megaloom.model import build_model
-from megaloom.parallel.data import ShardedAdamW, optimizer_state_bytes, tensor_bytes
+from megaloom.parallel.data import DPGroup, PowerSGD, ShardedAdamW, optimizer_state_bytes, tensor_bytes
 from megaloom.parallel.grid import ProcessGrid
 from megaloom.parallel.runtime import setup_training
 from megaloom.train.optim import build_optimizer
@@ -18,12 +18,12 @@ from .launch import run_workers
 STEPS = 10
 
 
-def _cfg(tp=1, pp=1, dp=1, schedule="1f1b", chunks=1, zero=0, reduce="fp32", family="gpt2"):
+def _cfg(tp=1, pp=1, dp=1, schedule="1f1b", chunks=1, zero=0, reduce="fp32", family="gpt2", powersgd=0):
     sets = [f"model.family={family!r}", "model.layers=4", "model.hidden=32", "model.heads=4", "model.vocab_size=64",
             "model.seq_len=16", "train.global_batch=16", "train.micro_batch=1", "train.lr=0.003",
             "train.grad_clip=0.3", "data.vocab_size=64", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}",
             f"parallel.schedule={schedule!r}", f"parallel.chunks={chunks}", f"parallel.zero={zero}",
-            f"parallel.grad_reduce_dtype={reduce!r}"]
+            f"parallel.grad_reduce_dtype={reduce!r}", f"parallel.powersgd_rank={powersgd}"]
     return load_config(None, sets)
 
 
@@ -104,23 +104,50 @@ def test_ptd_p_equals_single_process(tp, pp, dp, variants):
     run_workers(_layout_worker, tp * pp * dp, tp, pp, dp, variants, timeout=600)
 
 
-def _bf16_worker(rank, world):
+def _compression_worker(rank, world):
     torch.set_num_threads(1)
-    curves = {}
-    for reduce in ("fp32", "bf16"):
-        cfg = _cfg(dp=world, reduce=reduce)
+    curves, sent = {}, {}
+    for reduce, powersgd in (("fp32", 0), ("bf16", 0), ("fp32", 2)):
+        cfg = _cfg(dp=world, reduce=reduce, powersgd=powersgd)
         grid = ProcessGrid.build(1, 1, world, rank=rank, world_size=world, model=cfg.model)
         parts = setup_training(cfg, grid, torch.device("cpu"))
         losses = []
         for step in range(100):
             micro = _micro(_global_batch(cfg, step % 10), cfg, grid.dp_rank, world)
             losses.append(train_step(parts.model, parts.optimizer, micro, grad_clip=1.0, sync=parts.sync).loss.item())
-        curves[reduce] = torch.tensor(losses)
+        key = f"powersgd{powersgd}" if powersgd else reduce
+        curves[key], sent[key] = torch.tensor(losses), parts.dp_buffer.sent_bytes()
     # documented tolerance (docs/parallelism.md): the bf16-reduced loss curve stays within 1% of fp32
     rel = ((curves["bf16"] - curves["fp32"]).abs() / curves["fp32"]).max().item()
     assert rel < 0.01, rel
     assert curves["bf16"][-1] < curves["bf16"][0] - 0.2, (curves["bf16"][0], curves["bf16"][-1], rel)  # it trains
+    assert sent["bf16"] == sent["fp32"] / 2
+    # PowerSGD rank 2 sends a fraction of the bytes and still trains, more slowly (docs/parallelism.md
+    # records the measured gap on this memorisation task: last-10-step mean 4.01 vs 3.83 for fp32)
+    assert sent["powersgd2"] < sent["fp32"] / 4, sent
+    assert curves["powersgd2"][-10:].mean() < curves["powersgd2"][:10].mean() - 0.1
 
 
-def test_bf16_gradient_reduction_tracks_fp32():
-    run_workers(_bf16_worker, 2, timeout=600)
+def _powersgd_exact_worker(rank, world):
+    """When the averaged gradient has rank <= r, PowerSGD reconstructs it exactly (P·Pᵀ·M = M)."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(rank)
+    w = torch.nn.Parameter(torch.zeros(12, 10))
+    b = torch.nn.Parameter(torch.zeros(12))
+    u, v = torch.randn(12, 1, generator=gen), torch.randn(1, 10, generator=gen)
+    w.grad, b.grad = u @ v, torch.randn(12, generator=gen)  # rank 1 per replica: rank <= 2 on average
+    grads = [torch.empty_like(w.grad) for _ in range(world)]
+    dist.all_gather(grads, w.grad.clone())
+    vec = [torch.empty_like(b.grad) for _ in range(world)]
+    dist.all_gather(vec, b.grad.clone())
+    PowerSGD([w, b], DPGroup(None, world, rank), rank=2, seed=0).reduce()
+    torch.testing.assert_close(w.grad, sum(grads) / world, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.grad, sum(vec) / world, rtol=1e-6, atol=1e-6)
+
+
+def test_powersgd_is_exact_for_low_rank_gradients():
+    run_workers(_powersgd_exact_worker, 2, timeout=120)
+
+
+def test_gradient_compression_bf16_and_powersgd():
+    run_workers(_compression_worker, 2, timeout=600)
