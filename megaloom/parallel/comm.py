@@ -21,6 +21,11 @@ import torch
 import torch.distributed as dist
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor that FSDP (ZeRO-2/3) turned into a DTensor; the tensor otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @dataclass
 class CommCounter:
     """Bytes sent per collective type; the trainer reads and resets it every step."""

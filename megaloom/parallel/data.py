@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megaloom.config import TrainConfig
+from megaloom.parallel.comm import local
 
 
 @dataclass
@@ -235,7 +236,7 @@ class ShardedAdamW:
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes this rank stores for `t` (its local shard when FSDP made it a DTensor)."""
-    t = t.to_local() if hasattr(t, "to_local") else t
+    t = local(t)
     return t.numel() * t.element_size()
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaloom.parallel.comm import TPGroup, all_reduce_no_grad
+from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, local
 from megaloom.parallel.data import GradBuffer
 from megaloom.parallel.tensor import sync_replicated_grads
 
@@ -81,11 +81,6 @@ class GradSync:
         elif self.tp is not None:
             all_reduce_no_grad(found, self.tp, dist.ReduceOp.MAX)
         return found
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor that FSDP (ZeRO-2/3) turned into a DTensor; the tensor otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class FSDPState:

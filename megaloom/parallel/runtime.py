@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megaloom.config import Config, ConfigError
+from megaloom.model import build_model
 from megaloom.model.init import init_model
 from megaloom.model.transformer import Transformer
 from megaloom.parallel.comm import TPGroup
@@ -92,11 +93,7 @@ def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Trai
     if pipe is not None:
         model: torch.nn.Module = torch.nn.ModuleList(pipe.chunks)
     else:
-        model = Transformer(cfg.model)
-        if tp is not None:
-            parallelize_tensor(model, tp)
-        init_model(model, cfg.train.seed)
-        model = model.to(device)
+        model = build_model(cfg.model, cfg.train.seed, device, tp=tp)
     dp = DPGroup(grid.dp_group, grid.dp, grid.dp_rank)
     fsdp = None
     if cfg.parallel.zero >= 2:

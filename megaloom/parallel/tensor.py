@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaloom.model.init import ShardSpec
-from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, enter_tp, leave_tp
+from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, enter_tp, leave_tp, local
 
 
 class ColumnParallelLinear(nn.Module):
@@ -194,8 +194,8 @@ def sync_replicated_grads(model: nn.Module, tp: TPGroup) -> None:
     parameters every rank holds whole (norms, row-parallel biases, positions) are partial: sum them."""
     if tp.size == 1 or not tp.sequence_parallel:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "shard_spec", None) is None]
-    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # ZeRO-2/3: this dp rank's part
+    # under ZeRO-2/3 each dp rank sums its own part of the gradients
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None and getattr(p, "shard_spec", None) is None]
     if grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         all_reduce_no_grad(flat, tp)
@@ -203,12 +203,13 @@ def sync_replicated_grads(model: nn.Module, tp: TPGroup) -> None:
             g.copy_(new)
 
 
-def gather_full(param: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """The full tensor of a (possibly sharded) parameter, reassembled block by block."""
+def gather_full(param: torch.Tensor, tp: TPGroup | None) -> torch.Tensor:
+    """The full tensor of a (possibly sharded) parameter: the dp split of ZeRO-2/3 undone, then the tp
+    shards reassembled block by block. A collective when either applies."""
     spec = getattr(param, "shard_spec", None)
-    if hasattr(param, "full_tensor"):  # ZeRO-3/2: first undo the split over dp (a collective)
+    if hasattr(param, "full_tensor"):
         param = param.full_tensor()
-    if spec is None or tp.size == 1:
+    if spec is None or tp is None or tp.size == 1:
         return param.detach()
     parts = [torch.empty_like(param) for _ in range(tp.size)]
     dist.all_gather(parts, param.detach().contiguous(), group=tp.group)

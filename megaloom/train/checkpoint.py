@@ -70,10 +70,7 @@ def full_weights(model: nn.Module, tp: TPGroup | None = None, grid: ProcessGrid 
     out: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            if tp is not None:
-                full = gather_full(p, tp)
-            else:  # ZeRO-2/3 parameters are DTensors split over dp: reassemble them (a collective)
-                full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            full = gather_full(p, tp)
             out.setdefault(name, full.float().cpu().contiguous().clone())
     if grid is not None and grid.pp > 1:
         parts = [None] * grid.world_size if grid.rank == 0 else None

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from megaloom.parallel.comm import local
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -38,7 +40,7 @@ class DynamicLossScaler:
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
         """Divide gradients by the scale in place; True when any gradient is inf or nan (on any rank
         that `reduce` combines the flag over)."""
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+        grads = [local(p.grad) for p in params if p.grad is not None]
         if not grads:
             return False
         torch._foreach_mul_(grads, 1.0 / self.scale)
