@@ -83,96 +83,47 @@ def _reduce_scatter_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return out
 
 
-def _split_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    if tp.size == 1:
-        return x
-    return x.chunk(tp.size, dim=1)[tp.rank].contiguous()
+def _identity(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return x
 
 
-class _CopyToTP(torch.autograd.Function):
-    """f: identity forward, all-reduce backward."""
-
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.tp), None
+def _all_reduce_copy(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return _all_reduce(x.clone(), tp)  # never reduce autograd's own tensor in place
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    """g: all-reduce forward, identity backward."""
+class _Conjugate(torch.autograd.Function):
+    """A communication operator: `forward(x)` one way, `backward(grad)` its conjugate.
+
+    f = (identity, all-reduce), g = (all-reduce, identity); under sequence parallelism
+    f = (all-gather, reduce-scatter) and g = (reduce-scatter, all-gather) along the sequence.
+    """
 
     @staticmethod
-    def forward(ctx, x, tp):
-        return _all_reduce(x.clone(), tp)
+    def forward(ctx, x, tp, forward, backward):
+        ctx.tp, ctx.backward_fn = tp, backward
+        return forward(x, tp)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherSeq(torch.autograd.Function):
-    """f under sequence parallelism: all-gather the sequence forward, reduce-scatter backward."""
-
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _all_gather_seq(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.tp), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    """g under sequence parallelism: reduce-scatter the sequence forward, all-gather backward."""
-
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _reduce_scatter_seq(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.tp), None
-
-
-class _SplitSeq(torch.autograd.Function):
-    """Keep this rank's part of a replicated sequence forward; all-gather the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _split_seq(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.tp), None
+        return ctx.backward_fn(grad, ctx.tp), None, None, None
 
 
 def enter_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """Input of a column-parallel region: `f`, or the sequence all-gather under sequence parallelism."""
     if tp.size == 1:
         return x
-    return _GatherSeq.apply(x, tp) if tp.sequence_parallel else _CopyToTP.apply(x, tp)
+    if tp.sequence_parallel:
+        return _Conjugate.apply(x, tp, _all_gather_seq, _reduce_scatter_seq)
+    return _Conjugate.apply(x, tp, _identity, _all_reduce_copy)
 
 
 def leave_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """Output of a row-parallel region: `g`, or the sequence reduce-scatter under sequence parallelism."""
     if tp.size == 1:
         return x
-    return _ReduceScatterSeq.apply(x, tp) if tp.sequence_parallel else _ReduceFromTP.apply(x, tp)
-
-
-def split_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    return x if tp.size == 1 else _SplitSeq.apply(x, tp)
-
-
-def gather_seq(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    return x if tp.size == 1 else _GatherSeq.apply(x, tp)
+    if tp.sequence_parallel:
+        return _Conjugate.apply(x, tp, _reduce_scatter_seq, _all_gather_seq)
+    return _Conjugate.apply(x, tp, _all_reduce_copy, _identity)
 
 
 def all_reduce_no_grad(x: torch.Tensor, tp: TPGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:

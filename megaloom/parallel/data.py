@@ -53,7 +53,6 @@ class GradBuffer:
                  powersgd_rank: int = 0, seed: int = 0):
         self.dp, self.reduce_dtype = dp, reduce_dtype
         self.powersgd = PowerSGD(params, dp, powersgd_rank, seed) if powersgd_rank and dp.size > 1 else None
-        self.params = params
         total = sum(p.numel() for p in params)
         device = params[0].device
         self.data = torch.zeros(total, device=device, dtype=torch.float32)
@@ -175,7 +174,7 @@ class PowerSGD:
 class ShardedAdamW:
     """ZeRO-1: AdamW whose state covers only this dp rank's 1/d slice of the flat parameter buffer."""
 
-    def __init__(self, params: list[nn.Parameter], grads: GradBuffer, cfg: TrainConfig, dp: DPGroup):
+    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig, dp: DPGroup):
         self.dp = dp
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -192,7 +191,7 @@ class ShardedAdamW:
             p.data = self.flat[offset:offset + n].view_as(p)  # the model now reads the flat buffer
             bounds.append((p, offset))
             offset += n
-        self.bounds, self.grads = bounds, grads
+        self.bounds = bounds
         self.decay_end = sum(p.numel() for p in decay)
         per = padded // dp.size
         self.lo, self.hi = dp.rank * per, (dp.rank + 1) * per

@@ -16,14 +16,14 @@ rank simply sends its own part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megaloom.parallel.comm import TPGroup
-from megaloom.parallel.schedules import Action, Op, Schedule, lower, stage_location, virtual_stage
+from megaloom.parallel.schedules import Action, Op, Schedule, lower, virtual_stage
 from megaloom.train.precision import autocast
 
 
@@ -52,7 +52,6 @@ class _MicroState:
 class PipelineStats:
     peak_in_flight: int = 0   # most micro-batch-chunks holding activations at once
     sent_bytes: float = 0.0   # p2p bytes this rank sent this step
-    extra: dict = field(default_factory=dict)
 
 
 class PipelineRunner:
@@ -229,4 +228,4 @@ def rank_chunk_layers(pp_rank: int, pp: int, chunks: int, stages: list[range]) -
     return [stages[virtual_stage(pp_rank, c, pp)] for c in range(chunks)]
 
 
-__all__ = ["PipelineRunner", "PipelineStats", "StageLink", "rank_chunk_layers", "stage_layers", "stage_location"]
+__all__ = ["PipelineRunner", "PipelineStats", "StageLink", "rank_chunk_layers", "stage_layers"]

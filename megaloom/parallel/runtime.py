@@ -106,7 +106,7 @@ def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Trai
     if (grid.dp > 1 or cfg.parallel.zero == 1) and fsdp is None:
         dtype = torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32
         buffer = GradBuffer(params, dp, dtype, powersgd_rank=cfg.parallel.powersgd_rank, seed=cfg.train.seed)
-    optimizer = ShardedAdamW(params, buffer, cfg.train, dp) if cfg.parallel.zero == 1 else build_optimizer(model, cfg.train)
+    optimizer = ShardedAdamW(params, cfg.train, dp) if cfg.parallel.zero == 1 else build_optimizer(model, cfg.train)
     sync = GradSync(model, tp, pp_group=grid.pp_group if grid.pp > 1 else None,
                     embed_group=pipe.embed_group if pipe else None, tied=pipe.tied if pipe else None,
                     tied_copy=pipe.tied_copy if pipe else None, mp_group=grid.mp_group if grid.world_size > 1 else None,
