@@ -102,6 +102,8 @@ class TrainConfig:
     eval_batches: int = _f(8, "micro-batches per validation run")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = _f(False, "torch.compile the model")
+    recompute: Literal["none", "selective", "full"] = _f(
+        "none", "activation recomputation: none | selective (attention core only) | full (whole layer)")
     samples: int = _f(0, "text samples to generate and print at the end of training")
     sample_tokens: int = _f(64, "tokens per end-of-training sample")
     sample_prompts: list[str] = _f(["def ", "class ", "import "], "prompts of the end-of-training samples, used in turn")

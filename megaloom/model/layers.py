@@ -14,6 +14,7 @@ from torch import nn
 
 from megaloom.config import ModelConfig
 from megaloom.model.dropout import LayoutDropout
+from megaloom.model.recompute import checkpoint
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -71,6 +72,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=bias)
         self.rotary = cfg.family == "llama"
+        self.recompute_core = False  # selective recomputation; set by `set_recompute`
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -82,17 +84,27 @@ class Attention(nn.Module):
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         start = cache.length if cache is not None else 0
-        if self.rotary:
-            cos, sin = rope[0][start:start + T], rope[1][start:start + T]
+        cos, sin = (rope[0][start:start + T], rope[1][start:start + T]) if self.rotary else (None, None)
+        if self.recompute_core and cache is None and torch.is_grad_enabled():
+            # selective recomputation (Korthikanti et al. 2022, §5): keep q, k, v, recompute the core
+            y = checkpoint(self.core, q, k, v, cos, sin)
+        else:
+            y = self.core(q, k, v, cos, sin, cache)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+             sin: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        """The attention core: rotary positions, then softmax(q·kᵀ/√d)·v, (B, heads, T, hd) in and out."""
+        if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_causal_mask(T, k.shape[2], x.device),
+        T = q.shape[2]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(T, k.shape[2], q.device),
             is_causal=k.shape[2] == T and T > 1,
             enable_gqa=self.kv_heads != self.heads,
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
@@ -134,9 +146,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = LayoutDropout(cfg.dropout, f"layers.{layer}.drop")
+        self.recompute = False  # full recomputation: keep only the input; set by `set_recompute`
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            return checkpoint(self.body, x, rope, dropouts=(self.drop,))
+        return self.body(x, rope, cache)
+
+    def body(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+             cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rope, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 

@@ -15,6 +15,7 @@ from torch import nn
 from megaloom.config import ModelConfig
 from megaloom.model.dropout import LayoutDropout
 from megaloom.model.layers import Block, KVCache, make_norm, rotary_tables
+from megaloom.model.loss import linear_cross_entropy
 
 
 class Embedding(nn.Module):
@@ -41,6 +42,7 @@ class LMHead(nn.Module):
         super().__init__()
         self._tied = [embedding] if cfg.tied else []  # a list: not registered twice as a submodule
         self.weight = None if cfg.tied else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden))
+        self.chunk_rows = 2048  # tokens per chunk of the loss: 2048·V fp32 logits at a time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._tied[0].weight if self._tied else self.weight)
@@ -48,6 +50,11 @@ class LMHead(nn.Module):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy, in fp32."""
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def hidden_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The same loss from the final hidden states, `chunk_rows` tokens at a time: the full fp32
+        logits are never in memory (megaloom/model/loss.py)."""
+        return linear_cross_entropy(h, self._tied[0].weight if self._tied else self.weight, targets, self.chunk_rows)
 
 
 class Transformer(nn.Module):
@@ -101,10 +108,9 @@ class Transformer(nn.Module):
         h = self.hidden_states(inputs, cache)
         if not self.last:
             return h
-        logits = self.head(h)
         if targets is None:
-            return logits
-        return self.head.loss(logits, targets)
+            return self.head(h)
+        return self.head.hidden_loss(h, targets)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())

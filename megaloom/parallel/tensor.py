@@ -160,6 +160,10 @@ class ParallelHead(nn.Module):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), self.tp, self.start)
 
+    def hidden_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss from the final hidden states (the model's entry point; the logits stay split)."""
+        return self.loss(self(h), targets)
+
 
 def parallelize_tensor(model: nn.Module, tp: TPGroup) -> nn.Module:
     """Swap the model's layers for their tensor-parallel versions, in place (DESIGN principle 4).

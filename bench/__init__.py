@@ -1,0 +1,1 @@
+"""GPU benchmarks of megaloom against a plain-PyTorch reference; see bench/RESULTS.md."""
