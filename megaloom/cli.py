@@ -11,9 +11,10 @@ from pathlib import Path
 
 from megaloom.config import Config, ConfigError, describe, load_config
 from megaloom.data.sources import DataError
+from megaloom.errors import RunError
 from megaloom.parallel.runtime import LaunchEnv
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, RunError)
 
 
 def cache_root() -> Path:
@@ -104,6 +105,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from megaloom.train.checkpoint import export_safetensors, import_safetensors, latest_checkpoint
+
+    src, out = Path(args.source), Path(args.output)
+    if src.suffix == ".safetensors":
+        if not src.is_file():
+            raise FileNotFoundError(f"'{src}' does not exist; pass a .safetensors file or a checkpoint/run directory")
+        config = Path(args.config).read_text(encoding="utf-8") if args.config else ""
+        n = import_safetensors(src, out, config)
+        print(f"wrote {out}: {n} tensors as a weights-only megaloom checkpoint "
+              f"(train with --set checkpoint.load={out}, in any layout)")
+    else:
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"convert output '{out}' must end in .safetensors when the source is a checkpoint; "
+                              "e.g. megaloom convert runs/demo model.safetensors")
+        ckpt = latest_checkpoint(src)
+        n = export_safetensors(ckpt, out)
+        print(f"wrote {out}: {n} tensors from {ckpt}, consolidated over every layout dimension")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from megaloom.observe.plots import plot_loss
 
@@ -185,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("convert", help="checkpoint <-> one consolidated safetensors file",
+                         description="A megaloom checkpoint (or a run directory's newest) to one consolidated "
+                                     "safetensors file with canonical names; or a safetensors file to a weights-only "
+                                     "checkpoint that checkpoint.load accepts in any layout.")
+    p.add_argument("source", help="checkpoint or run directory, or a .safetensors file")
+    p.add_argument("output", help="a .safetensors file, or the checkpoint directory to create")
+    p.add_argument("--config", metavar="FILE", help="safetensors -> checkpoint: a config.toml to store alongside")
+    p.set_defaults(func=cmd_convert)
 
     p = verbs.add_parser("plot", help="loss curves of run directories to a PNG")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -52,8 +52,9 @@ class Console:
             task = progress.add_task("train", total=total, stats="")
             yield _Bar(progress, task, self.rich)
 
-    def summary(self, run_dir: Path, first: float, final: float, val: float, ckpt: Path, samples: list[str]) -> None:
-        self.rich.print(f"[bold]done[/bold]  loss {first:.4f} (step 1) -> {final:.4f}, validation {val:.4f}")
+    def summary(self, run_dir: Path, first: float, final: float, val: float, ckpt: Path, samples: list[str],
+                first_step: int = 1) -> None:
+        self.rich.print(f"[bold]done[/bold]  loss {first:.4f} (step {first_step}) -> {final:.4f}, validation {val:.4f}")
         self.rich.print(f"  checkpoint {ckpt}\n  metrics    {run_dir / 'metrics.jsonl'}\n"
                         f"  plot       {run_dir / 'loss.png'}\n  tensorboard --logdir {run_dir / 'tb'}")
         for i, text in enumerate(samples):

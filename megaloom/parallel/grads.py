@@ -93,6 +93,16 @@ class FSDPState:
         for root in self.roots:
             root.set_requires_gradient_sync(on)
 
+    def reshard(self) -> None:
+        """Put the sharded parameters back in the modules. ZeRO-2 keeps a forward's gathered parameters
+        until backward, so after evaluation the modules hold unsharded ones: checkpoints need the shards."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for root in self.roots:
+            for m in root.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
 
 def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not grads:

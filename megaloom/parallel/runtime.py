@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,9 @@ def start(cfg: Config, env: LaunchEnv) -> tuple[ProcessGrid, torch.device]:
         backend = p.backend if p.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl" and device.type != "cuda":
             raise ConfigError("parallel.backend = \"nccl\" needs GPUs; use \"gloo\" or \"auto\" on CPUs")
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        # a dead or hung peer makes the waiting collective fail after parallel.timeout_s instead of never
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=p.timeout_s))
     return ProcessGrid.from_config(p, cfg.model, rank=env.rank, world_size=env.world_size), device
 
 

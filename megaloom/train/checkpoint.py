@@ -1,116 +1,340 @@
-"""Single-process checkpoints: written atomically, newest selected through a `latest` pointer.
+"""Sharded, atomic, verifiable checkpoints that load into any layout.
 
 Layout of `<run>/checkpoints/step_00000200/`:
-  model.safetensors   weights under their canonical (layout-independent) names, fp32
-  train_state.rank00000.pt  per rank: optimizer (its shards), loss scaler, RNG states, data-loader
-                      position, step
-  config.toml         the resolved config of the run
-Tensor-parallel shards are gathered into full tensors for model.safetensors, so the weights load into
-any layout. The directory is written under a temporary name, fsynced and renamed by rank 0; `latest` is
-updated last, so a crash while saving leaves the previous checkpoint intact and selected.
+  __<rank>_0.distcp   what rank <rank> wrote: its pieces of the model and of Adam's moments, in the
+                      full tensors' coordinates (see sharded_state.py), plus pickled objects
+  .metadata           DCP's index: every tensor's full shape and which chunks each file holds
+  config.toml         the resolved config of the run that saved it
+  manifest.json       step, layout, and the size and SHA-256 of every file above; written last
+
+Saving is a collective (every rank calls it). Files go to `.tmp-step_00000200/`, are fsynced, the
+manifest is written, then the directory is renamed into place and the `latest` pointer updated. A
+crash at any point leaves either no new directory or a complete one: a half-written checkpoint has no
+manifest (or a wrong one) and is never selected. With `checkpoint.async` the tensors are copied to the
+CPU in the step and written by a background thread over a process group of its own.
+
+Loading reads, on every rank, only the chunks that overlap what the rank holds now, so a checkpoint
+saved at one (t, p, d, ZeRO) loads at any other.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
+import threading
+import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch import nn
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from megaloom.parallel.comm import TPGroup
-from megaloom.parallel.grid import ProcessGrid
-from megaloom.parallel.tensor import gather_full
+from megaloom.errors import RunError
+from megaloom.train.sharded_state import Piece, PieceLoadPlanner, PieceSavePlanner, Sharded
 
 CKPT_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+FORMAT = "megaloom-checkpoint"
+VERSION = 1
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], config_toml: str,
-                    keep: int = 2, tp: TPGroup | None = None, grid: ProcessGrid | None = None) -> Path:
-    """Collective when the run has several processes: every rank calls it."""
-    rank = grid.rank if grid is not None else 0
-    root = run_dir / CKPT_DIR
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
-    weights = full_weights(model, tp, grid)  # a collective under tensor and pipeline parallelism
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(weights, str(tmp / "model.safetensors"))
-        (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
-    _barrier()
-    torch.save(train_state, tmp / f"train_state.rank{rank:05d}.pt")
-    _fsync(tmp / f"train_state.rank{rank:05d}.pt")
-    _barrier()
-    if rank == 0:
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        _write_atomic(root / "latest", final.name + "\n")
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+class CheckpointError(RunError):
+    """A checkpoint that cannot be used: the message is one line that names it and says why."""
 
 
-def full_weights(model: nn.Module, tp: TPGroup | None = None, grid: ProcessGrid | None = None) -> dict[str, torch.Tensor]:
-    """Canonical full fp32 weights on the CPU (complete on rank 0). The tied GPT-2 head is the
-    embedding, stored once as `embed.tok.weight`; tensor-parallel shards are gathered into full
-    tensors, pipeline stages (model chunks) into one dictionary."""
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
-    out: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            full = gather_full(p, tp)
-            out.setdefault(name, full.float().cpu().contiguous().clone())
-    if grid is not None and grid.pp > 1:
-        parts = [None] * grid.world_size if grid.rank == 0 else None
-        mine = out if grid.tp_rank == 0 and grid.dp_rank == 0 else {}
-        dist.gather_object(mine, parts, dst=0)
-        out = {}
-        for part in parts or []:
-            for name, value in part.items():
-                out.setdefault(name, value)  # the last stage's copy of the tied embedding equals the first's
-    return out
+# ------------------------------------------------------------------------------------------ saving
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+class Checkpointer:
+    """Saves a run's checkpoints: one directory per step, the newest `keep` kept.
+
+    `group`: the process group saves coordinate over (None in a single process). A background save
+    must not share a communicator with training, so async saves get a gloo group of their own."""
+
+    def __init__(self, run_dir: Path, keep: int = 2, async_save: bool = False, rank: int = 0,
+                 timeout_s: float = 600.0):
+        self.root = Path(run_dir) / CKPT_DIR
+        self.keep, self.async_save, self.rank = keep, async_save, rank
+        self.group = None
+        if dist.is_initialized():  # collective: every rank builds its Checkpointer at the same point
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, state: dict[str, Any], config_toml: str, layout: dict[str, Any]) -> Path:
+        """Write `state` (Sharded pieces and picklable objects) as checkpoint `step`. Collective."""
+        self.wait()  # one save at a time
+        final = self.root / f"step_{step:08d}"
+        if not self.async_save:
+            self._write(step, state, config_toml, layout)
+            return final
+        staged = {k: v.to_cpu() if isinstance(v, Sharded) else v for k, v in state.items()}
+        self._thread = threading.Thread(target=self._write_in_background, name=f"checkpoint-{step}",
+                                        args=(step, staged, config_toml, layout), daemon=True)
+        self._thread.start()
+        return final
+
+    def wait(self) -> None:
+        """Block until a background save has finished; re-raise its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"background checkpoint save failed: {error}") from error
+
+    def _write_in_background(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
+            self._error = e
+
+    def _write(self, step: int, state: dict[str, Any], config_toml: str, layout: dict[str, Any]) -> None:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):  # left by a crash during an earlier save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), planner=PieceSavePlanner(),
+                     process_group=self.group, no_dist=self.group is None)
+        mine = {f.name: _file_record(f) for f in sorted(tmp.glob(f"__{self.rank}_*"))}
+        files = self._gather(mine)
+        if self.rank == 0:
+            (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
+            for name in (".metadata", "config.toml"):
+                _fsync(tmp / name)
+                files[name] = _file_record(tmp / name)
+            manifest = {"format": FORMAT, "version": VERSION, "step": step, "layout": layout, "files": files}
+            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            _fsync(tmp)
+            if final.exists():  # saving the same step again: the old copy goes only once the new one is in place
+                old = self.root / f".tmp-old-{final.name}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync(self.root)
+            _write_atomic(self.root / "latest", final.name + "\n")
+            for stale in sorted(_step_dirs(self.root))[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
+
+    def _gather(self, mine: dict) -> dict:
+        if self.group is None:
+            return dict(mine)
+        parts: list[dict] = [{} for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather_object(parts, mine, group=self.group)
+        return {name: rec for part in parts for name, rec in part.items()}
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def unresponsive_ranks(self, timeout_s: float) -> list[int]:
+        """After a failed collective: the ranks that do not answer a monitored barrier on the checkpoint
+        group (gloo, untouched by the training communicator's failure). Known on rank 0; [] elsewhere."""
+        if self.group is None:
+            return []
+        try:
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except RuntimeError as e:
+            found = re.search(r"[Rr]anks? ([\d, ]+) failed", str(e))
+            if found:
+                return [int(r) for r in found.group(1).replace(",", " ").split()]
+        return []
+
+
+# --------------------------------------------------------------------------- finding and verifying
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and SHA-256; else why not."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return "no manifest.json (an interrupted save)"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest.json ({e})"
+    if manifest.get("format") != FORMAT:
+        return f"manifest.json is not a {FORMAT} manifest"
+    for name, rec in sorted(files.items()):
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {rec['bytes']} (truncated?)"
+        if _sha256(f) != rec["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
+def find_checkpoint(path: Path, report=None) -> Path | None:
+    """The newest valid checkpoint of a run directory (or `path` itself, if it is a valid checkpoint);
+    None when there is none. Invalid ones are reported through `report`, one line each, and skipped."""
+    path = Path(path)
+    candidates = [path] if (path / MANIFEST).exists() or (path / ".metadata").exists() else \
+        sorted(_step_dirs(path / CKPT_DIR), key=lambda p: int(p.name[5:]), reverse=True)
+    for ckpt in candidates:
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        if report is not None:
+            report(f"checkpoint {ckpt} is not usable: {problem}; trying the previous one")
+    return None
 
 
 def latest_checkpoint(path: Path) -> Path:
-    """A checkpoint directory itself, or the newest one of a run directory."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    pointer = path / CKPT_DIR / "latest"
-    if pointer.is_file():
-        ckpt = path / CKPT_DIR / pointer.read_text().strip()
-        if (ckpt / "model.safetensors").is_file():
-            return ckpt
-    raise FileNotFoundError(f"'{path}' holds no checkpoint (no model.safetensors, no {CKPT_DIR}/latest); "
-                            "pass a run directory that has finished at least one save")
+    """Like find_checkpoint, but a missing checkpoint is an error (for `generate`, `convert`)."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"'{path}' holds no valid checkpoint (a checkpoint directory with manifest.json, "
+                                f"or a run directory with {CKPT_DIR}/step_*); pass one that finished a save")
+    return ckpt
 
 
-def load_weights(model: nn.Module, ckpt: Path) -> None:
-    state = load_file(str(ckpt / "model.safetensors"))
-    missing, unexpected = getattr(model, "_orig_mod", model).load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
 
 
-def load_train_state(ckpt: Path, rank: int = 0) -> dict[str, Any]:
-    return torch.load(ckpt / f"train_state.rank{rank:05d}.pt", weights_only=False)
+def saved_keys(ckpt: Path) -> dict[str, tuple[int, ...] | None]:
+    """Every entry of a checkpoint: tensors with their full shapes, objects with None."""
+    md = FileSystemReader(ckpt).read_metadata()
+    return {k: None if isinstance(v, BytesStorageMetadata) else tuple(v.size) for k, v in md.state_dict_metadata.items()}
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load(ckpt: Path, state: dict[str, Any], group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Fill the pieces of `state` in place from `ckpt` and return its objects (the keys of `state`
+    whose value is not Sharded). Collective over `group` when one is given."""
+    planner = PieceLoadPlanner()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, storage_reader=FileSystemReader(ckpt), planner=planner, process_group=group,
+                 no_dist=group is None)
+    return planner.objects
+
+
+def check_model_keys(ckpt: Path, wanted: dict[str, Sharded], group: dist.ProcessGroup | None = None) -> None:
+    """One clear error when the checkpoint holds another model than the one built from the config.
+    Under pipelining each rank holds some layers: the union over `group` must be the saved set."""
+    saved = {k: v for k, v in saved_keys(ckpt).items() if k.startswith("model/")}
+    everywhere = set(wanted)
+    if group is not None:
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, sorted(wanted), group=group)
+        everywhere = {k for part in parts for k in part}
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - everywhere)
+    if missing or extra:
+        what = f"lacks {missing[0][6:]}" if missing else f"has {extra[0][6:]}, which this model does not"
+        raise CheckpointError(f"checkpoint {ckpt} holds a different model: it {what} "
+                              f"({len(missing)} missing, {len(extra)} unexpected); set the model.* keys it was "
+                              f"saved with (see its config.toml)")
+    for k, sharded in wanted.items():
+        if saved[k] != tuple(sharded.shape):
+            raise CheckpointError(f"checkpoint {ckpt} holds a different model: {k[6:]} has shape {saved[k]} there "
+                                  f"but {tuple(sharded.shape)} here; set the model.* keys of its config.toml")
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load a checkpoint's weights into a single-process model (e.g. for `megaloom generate`)."""
+    from megaloom.train.sharded_state import model_entries
+
+    state = model_entries(model)
+    check_model_keys(ckpt, state)
+    with torch.no_grad():
+        load(ckpt, state)
+
+
+def full_tensors(ckpt: Path, prefix: str = "model/") -> dict[str, torch.Tensor]:
+    """Every tensor under `prefix`, whole, on the CPU (names without the prefix). One process."""
+    md = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    state: dict[str, Any] = {}
+    for key, m in md.items():
+        if key.startswith(prefix) and not isinstance(m, BytesStorageMetadata):
+            full = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            state[key] = Sharded(tuple(m.size), [Piece(full, (0,) * len(m.size))])
+    load(ckpt, state)
+    return {k[len(prefix):]: v.pieces[0].view for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------- convert
+
+
+def export_safetensors(ckpt: Path, out: Path) -> int:
+    """A checkpoint's weights as one consolidated safetensors file (canonical names, saved dtype)."""
+    from safetensors.torch import save_file
+
+    tensors = full_tensors(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", "source": str(ckpt)})
+    _fsync(tmp)
+    os.replace(tmp, out)
+    return len(tensors)
+
+
+def import_safetensors(src: Path, out: Path, config_toml: str = "") -> int:
+    """A consolidated safetensors file as a weights-only megaloom checkpoint directory `out`, which
+    `checkpoint.load` accepts in any layout (training then starts at step 0 with a fresh optimizer)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src))
+    state = {f"model/{k}": Sharded(tuple(v.shape), [Piece(v, (0,) * v.dim())]) for k, v in tensors.items()}
+    _write_single(Path(out), state, config_toml)
+    return len(tensors)
+
+
+def _write_single(out: Path, state: dict[str, Any], config_toml: str) -> None:
+    """One-process save of `state` into directory `out`, atomically, with a manifest."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), planner=PieceSavePlanner(), no_dist=True)
+    (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
+    files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
+    manifest = {"format": FORMAT, "version": VERSION, "step": 0, "layout": {"weights_only": True}, "files": files}
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,19 +18,24 @@ from megaloom.train.precision import DynamicLossScaler, autocast
 class StepResult:
     loss: torch.Tensor  # mean loss over the micro-batches, still on the device (no host sync)
     grad_norm: torch.Tensor  # global L2 norm before clipping; nan when the step was skipped
-    skipped: bool  # fp16 overflow: the optimizer did not step
+    skipped: bool  # non-finite loss or gradients (fp16 overflow among them): the optimizer did not step
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[tuple[torch.Tensor, torch.Tensor]],
                *, precision: str = "fp32", scaler: DynamicLossScaler | None = None, grad_clip: float = 0.0,
-               sync: GradSync | None = None, pipeline: PipelineRunner | None = None) -> StepResult:
+               sync: GradSync | None = None, pipeline: PipelineRunner | None = None,
+               inject: Callable[[list[nn.Parameter]], None] | None = None) -> StepResult:
     """Accumulate gradients of the mean loss over equal-sized micro-batches, then step.
 
     Each micro-batch loss is divided by their number, so k micro-batches of b sequences give the
     gradient of one batch of k·b sequences (the same tokens per micro-batch make the means agree).
     `sync` completes gradients and computes the global norm across a process grid; `pipeline` runs the
     micro-batches through the pipeline schedule instead of one after the other (the returned loss is
-    then only known on the last stage, 0 elsewhere).
+    then only known on the last stage, 0 elsewhere). `inject` runs between backward and the update:
+    the fault-injection hook of tests and drills.
+
+    A step whose global gradient norm is not finite (a non-finite loss makes it so) is skipped on every
+    rank: the norm is reduced over the whole grid, so all ranks decide alike. That costs one host sync.
     """
     sync = sync or GradSync(model)
     device = next(model.parameters()).device
@@ -50,6 +56,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
                 scaled = scaler.scale_loss(scaled)
             scaled.backward()
     sync.finish()
+    if inject is not None:
+        inject(params)
     skipped = False
     if scaler is not None:
         skipped = scaler.unscale_(params, sync.any_nonfinite)
@@ -57,6 +65,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
     if skipped:
         return StepResult(total / len(microbatches), torch.tensor(math.nan), True)
     grad_norm = sync.norm(params)
+    if not torch.isfinite(grad_norm):
+        return StepResult(total / len(microbatches), grad_norm, True)
     if grad_clip > 0:
         clip_(params, grad_norm, grad_clip)
     optimizer.step()

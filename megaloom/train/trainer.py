@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +19,34 @@ from megaloom.config import Config, ConfigError, to_toml
 from megaloom.data import BatchLoader, TokenDataset, load_tokenizer
 from megaloom.data.loader import eval_batches
 from megaloom.data.prepare import CorpusInfo
+from megaloom.errors import RunError
 from megaloom.model import count_parameters, generate
+from megaloom.model.dropout import LayoutDropout
 from megaloom.observe.metrics import MetricsLogger, memory_report, peak_memory_gib
 from megaloom.observe.plots import plot_loss
 from megaloom.observe.progress import Console
+from megaloom.parallel.comm import local
 from megaloom.parallel.grid import ProcessGrid
 from megaloom.parallel.runtime import setup_training
 from megaloom.perf.flops import model_flops_per_token
 from megaloom.perf.hardware import peak_flops
-from megaloom.train.checkpoint import save_checkpoint
+from megaloom.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_model_keys,
+    find_checkpoint,
+    load,
+    read_manifest,
+    saved_keys,
+)
 from megaloom.train.optim import lr_at, set_lr
 from megaloom.train.precision import DynamicLossScaler, autocast
+from megaloom.train.sharded_state import init_optimizer_state, model_entries, optimizer_entries, set_optimizer_step
 from megaloom.train.step import train_step
+
+
+class TrainingStopped(RunError):
+    """The run cannot go on (repeated non-finite steps, a failed peer): one line that says why and what is kept."""
 
 
 @dataclass
@@ -79,7 +98,12 @@ class Trainer:
         self.peak = peak_flops(device_name(self.device), t.precision)
         self.step = 0
         self.last_logged = 0
-        self.skipped = 0
+        self.skipped = 0  # steps skipped for non-finite loss or gradients, in total
+        self.consecutive_skips = 0
+        self.pending: list[torch.Tensor] = []  # losses of the steps since the last metrics row
+        self.phase = "start-up"  # what the run is doing, for the error when a peer fails
+        self.checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, grid.rank,
+                                         timeout_s=cfg.parallel.timeout_s)
 
     # ------------------------------------------------------------------ setup and loop
 
@@ -96,52 +120,79 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.prepare_run_dir()
         self.console.header(self.describe())
+        resumed = self.resume()
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard) if self.main else None
         tokens_per_step = t.global_batch * cfg.model.seq_len
-        pending: list[torch.Tensor] = []
         first_loss = final_loss = final_val = math.nan
+        first_step = 1
         last_time = time.perf_counter()
-        with self.console.progress(t.steps, enabled=cfg.log.progress) as bar:
-            while self.step < t.steps:
-                result = self.one_step()
-                pending.append(result.loss)
-                self.step += 1
-                eval_now = self.step == t.steps or (t.eval_every and self.step % t.eval_every == 0)
-                if self.step == 1 or self.step % cfg.log.every == 0 or eval_now:
-                    loss = self.reduce_loss(torch.stack(pending).mean()).item()  # one host sync per interval
-                    now = time.perf_counter()
-                    tokens = len(pending) * tokens_per_step
-                    row = self.metrics_row(loss, result.grad_norm, tokens / (now - last_time))
-                    pending = []
-                    if eval_now:
-                        row["val_loss"] = final_val = self.evaluate()
-                    if logger is not None:
-                        logger.log(row)
-                    bar.update(self.step, row)
-                    first_loss = loss if self.step == 1 else first_loss
-                    final_loss = loss
-                    last_time = time.perf_counter()  # evaluation time is not training time
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
-                    self.save()
-        if logger is not None:
-            logger.close()
-        ckpt = self.save()
+        ckpt = None
+        try:
+            with self.console.progress(t.steps, enabled=cfg.log.progress) as bar:
+                while self.step < t.steps:
+                    result = self.one_step()
+                    self.pending.append(result.loss)
+                    self.step += 1
+                    eval_now = self.step == t.steps or (t.eval_every and self.step % t.eval_every == 0)
+                    if self.step == 1 or self.step % cfg.log.every == 0 or eval_now:
+                        self.phase = "the loss reduction for the metrics row"
+                        loss = self.reduce_loss(torch.stack(self.pending).mean()).item()  # one host sync per row
+                        now = time.perf_counter()
+                        tokens = len(self.pending) * tokens_per_step
+                        row = self.metrics_row(loss, result.grad_norm, tokens / (now - last_time))
+                        self.pending = []
+                        if eval_now:
+                            self.phase = "evaluation"
+                            row["val_loss"] = final_val = self.evaluate()
+                        if logger is not None:
+                            logger.log(row)
+                        bar.update(self.step, row)
+                        if math.isnan(first_loss):
+                            first_loss, first_step = loss, self.step
+                        final_loss = loss
+                        last_time = time.perf_counter()  # evaluation time is not training time
+                    if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps
+                            and not self.consecutive_skips):  # never replace a checkpoint from before a fault
+                        self.save()
+            if logger is not None:
+                logger.close()
+            if resumed is not None and self.step == resumed and self.step >= t.steps:
+                self.console.print(f"    run already complete at step {self.step}; raise train.steps to continue")
+                ckpt = find_checkpoint(self.run_dir)
+            else:
+                ckpt = self.save()
+            self.checkpointer.wait()
+        except RuntimeError as e:
+            raise self.peer_failure(e) from e
         if cfg.log.plot and self.main:
             plot_loss([self.run_dir], self.run_dir / "loss.png")
         samples = self.samples()
-        self.console.summary(self.run_dir, first_loss, final_loss, final_val, ckpt, samples)
+        self.console.summary(self.run_dir, first_loss, final_loss, final_val, ckpt, samples, first_step)
         return RunResult(self.run_dir, first_loss, final_loss, final_val, ckpt, samples)
 
     def one_step(self):
         t = self.cfg.train
+        self.phase = "the training step (forward, backward, gradient reduction, update)"
         set_lr(self.optimizer, lr_at(self.step, t))
         x, y = self.loader.next_batch()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
         result = train_step(self.step_model, self.optimizer, micro, precision=t.precision,
                             scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync,
-                            pipeline=self.runner)
-        self.skipped += result.skipped
+                            pipeline=self.runner, inject=self.fault_hook())
+        if result.skipped:
+            self.skipped += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= t.max_consecutive_skips:
+                first = self.step + 2 - self.consecutive_skips
+                kept = find_checkpoint(self.run_dir)
+                kept = f"checkpoint {kept} is from before the fault" if kept else "no checkpoint was saved"
+                raise TrainingStopped(
+                    f"steps {first}-{self.step + 1} had non-finite loss or gradients "
+                    f"({self.consecutive_skips} in a row, train.max_consecutive_skips = {t.max_consecutive_skips}); "
+                    f"stopped, {kept}; lower train.lr, check the data, or use train.precision=\"bf16\"")
+        else:
+            self.consecutive_skips = 0
         return result
 
     def metrics_row(self, loss: float, grad_norm: torch.Tensor, tokens_per_s: float) -> dict:
@@ -200,20 +251,163 @@ class Trainer:
         self.model.train()
         return loss.item()
 
-    def train_state(self) -> dict:
-        return {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "loader": self.loader.state_dict(),
-            "skipped": self.skipped,
+    # ------------------------------------------------------------------ checkpoints
+
+    def layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"tp": self.grid.tp, "pp": self.grid.pp, "dp": self.grid.dp, "zero": p.zero, "chunks": p.chunks,
+                "world_size": self.grid.world_size}
+
+    def checkpoint_state(self) -> dict:
+        """This rank's part of everything a run needs to go on as if never stopped."""
+        if self.sync.fsdp is not None:
+            self.sync.fsdp.reshard()
+        state: dict = model_entries(self.model)
+        moments, adam_step = optimizer_entries(self.model, self.optimizer)
+        state.update(moments)
+        pending = self.reduce_loss(torch.stack(self.pending)).tolist() if self.pending else []
+        state["train"] = {  # the same on every rank: written once
+            "step": self.step, "adam_step": adam_step, "skipped": self.skipped,
+            "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "pending_losses": pending,  # the next metrics row averages over steps from before the save too
+        }
+        state[f"rank/{self.grid.rank:05d}"] = {  # this rank's own streams
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "dropout": {m.key: m.calls for m in self.model.modules() if isinstance(m, LayoutDropout)},
         }
+        return state
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.train_state(), to_toml(self.cfg),
-                               keep=self.cfg.checkpoint.keep, tp=self.tp, grid=self.grid)
+        self.phase = "a checkpoint save"
+        return self.checkpointer.save(self.step, self.checkpoint_state(), to_toml(self.cfg), self.layout())
+
+    def resume(self) -> int | None:
+        """Continue from the run directory's newest valid checkpoint, else from checkpoint.load, else
+        start fresh. Returns the step resumed at (None for a fresh start)."""
+        self.phase = "loading a checkpoint"
+        ckpt = self._choose_checkpoint()
+        if ckpt is None:
+            self._truncate_metrics(0)
+            return None
+        state = model_entries(self.model)
+        check_model_keys(ckpt, state, self.checkpointer.group)
+        saved = saved_keys(ckpt)
+        full = "train" in saved  # else weights only (e.g. `megaloom convert` of a safetensors file)
+        if full:
+            init_optimizer_state(self.optimizer)
+            state.update(optimizer_entries(self.model, self.optimizer)[0])
+            state["train"] = None
+            state.update({k: None for k in saved if k.startswith("rank/")})
+        with torch.no_grad():
+            objects = load(ckpt, state, self.checkpointer.group)
+        if not full:
+            self.console.print(f"    loaded the weights of {ckpt} (no optimizer state: starting at step 0)")
+            self._truncate_metrics(0)
+            return None
+        train = objects["train"]
+        self.step, self.skipped = int(train["step"]), int(train["skipped"])
+        set_optimizer_step(self.optimizer, train["adam_step"])
+        self.loader.load_state_dict(train["loader"])
+        if self.scaler is not None and train["scaler"] is not None:
+            self.scaler.load_state_dict(train["scaler"])
+        self.pending = [torch.tensor(v, device=self.device) for v in train["pending_losses"]]
+        same_layout = read_manifest(ckpt).get("layout") == self.layout()
+        mine = objects.get(f"rank/{self.grid.rank:05d}")
+        if same_layout and mine is not None:  # the per-rank random streams continue exactly
+            rng = mine["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        calls: dict[str, int] = {}
+        for key, obj in objects.items():
+            if key.startswith("rank/"):
+                for name, n in obj["dropout"].items():
+                    calls[name] = max(n, calls.get(name, 0))
+        if same_layout and mine is not None:
+            calls.update(mine["dropout"])
+        for m in self.model.modules():
+            if isinstance(m, LayoutDropout) and m.key in calls:
+                m.calls = calls[m.key]
+        self._truncate_metrics(self.step)
+        where = "resumed" if ckpt.parent.parent.resolve() == self.run_dir.resolve() else "loaded"
+        self.console.print(f"    {where} {ckpt} at step {self.step}"
+                           f"{'' if same_layout else ' (saved in another layout: resharded)'}")
+        return self.step
+
+    def _choose_checkpoint(self) -> Path | None:
+        """Rank 0 verifies the candidates (manifest sizes and checksums) and tells the others."""
+        choice: list = [None]
+        if self.main:
+            say = lambda msg: self.console.print(f"    {msg}")  # noqa: E731
+            ckpt = find_checkpoint(self.run_dir, report=say)
+            if ckpt is None and self.cfg.checkpoint.load:
+                source = Path(self.cfg.checkpoint.load)
+                if not source.exists():
+                    raise CheckpointError(f"checkpoint.load = '{source}' does not exist; pass a checkpoint or run "
+                                          "directory")
+                ckpt = find_checkpoint(source, report=say)
+                if ckpt is None:
+                    raise CheckpointError(f"checkpoint.load = '{source}' holds no valid checkpoint; pass a "
+                                          "checkpoint directory with manifest.json or a run directory that saved one")
+            choice = [str(ckpt) if ckpt else None]
+        if self.grid.world_size > 1:
+            torch.distributed.broadcast_object_list(choice, src=0, group=self.checkpointer.group)
+        return Path(choice[0]) if choice[0] else None
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Rows after the resumed step came from work that is redone: drop them, so every step has one row."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.main or not path.is_file():
+            return
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ faults
+
+    def fault_hook(self):
+        """faults.*: the injection that fires in this step on this rank, if any (tests and drills)."""
+        f, step, rank = self.cfg.faults, self.step + 1, self.grid.rank
+        if f.nonfinite_steps and f.at_step <= step < f.at_step + f.nonfinite_steps:
+            def poison(params):
+                for p in params[:1]:
+                    if p.grad is not None:
+                        local(p.grad).view(-1)[0] = math.nan
+            return poison
+        kind = "kill" if f.kill_rank == rank else "hang" if f.hang_rank == rank else None
+        if kind is None or step != f.at_step:
+            return None
+        marker = self.run_dir / "faults" / f"{kind}-rank{rank}-step{step}"
+        if marker.exists():  # fired once already: a relaunched run goes past it
+            return None
+
+        def fire(params):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("fired\n")
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            while True:  # hang: never answer the peers
+                time.sleep(3600)
+        return fire
+
+    def peer_failure(self, error: RuntimeError) -> Exception:
+        """A failed collective (a dead or hung peer) as one line: which rank, doing what, who did not answer."""
+        if self.grid.world_size == 1:
+            return error
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        silent = self.checkpointer.unresponsive_ranks(timeout_s=min(30.0, self.cfg.parallel.timeout_s))
+        who = f"rank(s) {silent} did not respond" if silent else "no peer identified"
+        c = self.grid.coords
+        return TrainingStopped(
+            f"rank {self.grid.rank} (tp_rank={c.tp}, dp_rank={c.dp}, pp_rank={c.pp}) failed in {self.phase} "
+            f"of step {self.step + 1}: "
+            f"{first[:300]}; {who}. A peer probably died or hung (parallel.timeout_s = {self.cfg.parallel.timeout_s}); "
+            f"relaunching resumes from the newest checkpoint")
 
     def samples(self) -> list[str]:
         t = self.cfg.train
