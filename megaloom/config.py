@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import sys
 import types
 import typing
@@ -104,6 +105,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     recompute: Literal["none", "selective", "full"] = _f(
         "none", "activation recomputation: none | selective (attention core only) | full (whole layer)")
+    max_consecutive_skips: int = _f(
+        20, "stop the run after this many consecutive steps skipped for non-finite loss or gradients")
     samples: int = _f(0, "text samples to generate and print at the end of training")
     sample_tokens: int = _f(64, "tokens per end-of-training sample")
     sample_prompts: list[str] = _f(["def ", "class ", "import "], "prompts of the end-of-training samples, used in turn")
@@ -122,12 +125,27 @@ class ParallelConfig:
     grad_reduce_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the data-parallel gradient all-reduce")
     powersgd_rank: int = _f(0, "PowerSGD rank for the data-parallel gradient all-reduce (zero 0/1); 0 = off")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend: auto = nccl on GPUs, gloo on CPUs")
+    timeout_s: float = _f(600.0, "seconds a collective or p2p transfer may wait for a peer before the run stops "
+                                 "with an error naming the operation")
 
 
 @dataclass
 class CheckpointConfig:
     every: int = _f(0, "steps between checkpoints; 0 = only at the end")
-    keep: int = _f(2, "checkpoints to keep")
+    keep: int = _f(2, "checkpoints to keep (the newest ones)")
+    async_: bool = _f(False, "write checkpoints in a background thread; the step only waits for the copy to CPU memory")
+    load: str = _f("", "a checkpoint or run directory to start from, saved in any layout; a run directory that "
+                       "already has a checkpoint resumes from its own instead")
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for tests and drills: the fault fires once per run directory."""
+
+    kill_rank: int = _f(-1, "this rank kills itself (SIGKILL) in the middle of step faults.at_step; -1 = never")
+    hang_rank: int = _f(-1, "this rank stops responding in the middle of step faults.at_step; -1 = never")
+    at_step: int = _f(0, "the step (1-based) in which a kill, hang or non-finite fault fires")
+    nonfinite_steps: int = _f(0, "make the gradients non-finite for this many steps from faults.at_step on")
 
 
 @dataclass
@@ -146,9 +164,24 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _attr(key: str) -> str:
+    """The dataclass field of a config key: a Python keyword (checkpoint.async) gets a trailing _."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _key(attr: str) -> str:
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
+
+
+def keys_of(typ: type) -> dict[str, Any]:
+    """The config keys of a section and their types."""
+    return {_key(name): t for name, t in typing.get_type_hints(typ).items()}
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -201,10 +234,10 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section {section!r} in {dotted!r}{_suggest(section, SECTIONS)}")
     sub = getattr(cfg, section)
-    hints = typing.get_type_hints(type(sub))
+    hints = keys_of(type(sub))
     if key not in hints:
         raise ConfigError(f"unknown config key {dotted!r}{_suggest(key, hints, prefix=section + '.')}")
-    setattr(sub, key, coerce(dotted, value, hints[key]))
+    setattr(sub, _attr(key), coerce(dotted, value, hints[key]))
 
 
 def _suggest(name: str, options: Any, prefix: str = "") -> str:
@@ -260,10 +293,12 @@ def validate(cfg: Config) -> None:
     _positive(cfg, "model.layers", "model.hidden", "model.heads", "model.vocab_size", "model.seq_len")
     _positive(cfg, "train.steps", "train.global_batch", "train.micro_batch", "train.eval_batches",
               "train.sample_tokens", "parallel.tp", "parallel.pp", "parallel.dp", "parallel.chunks",
-              "data.vocab_size", "log.every", "checkpoint.keep")
+              "data.vocab_size", "log.every", "checkpoint.keep", "train.max_consecutive_skips",
+              "parallel.timeout_s")
     _non_negative(cfg, "model.kv_heads", "model.ffn_hidden", "train.warmup", "train.eval_every",
                   "train.samples", "train.grad_clip", "train.weight_decay", "train.min_lr",
-                  "checkpoint.every", "data.max_bytes", "data.bpe_train_bytes")
+                  "checkpoint.every", "data.max_bytes", "data.bpe_train_bytes", "faults.at_step",
+                  "faults.nonfinite_steps")
     for key, cap in (("parallel.tp", 2**20), ("parallel.pp", 2**20), ("parallel.dp", 2**20), ("parallel.chunks", 1024)):
         if get_value(cfg, key) > cap:
             raise ConfigError(f"{key} = {get_value(cfg, key)} is larger than megaloom supports ({cap}); "
@@ -318,6 +353,15 @@ def validate(cfg: Config) -> None:
     if p.sequence_parallel and m.seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel splits model.seq_len ({m.seq_len}) over parallel.tp ({p.tp}); "
                           f"make model.seq_len a multiple of {p.tp}")
+    world = p.tp * p.pp * p.dp
+    for key in ("faults.kill_rank", "faults.hang_rank"):
+        rank = get_value(cfg, key)
+        if rank >= world or rank < -1:
+            raise ConfigError(f"{key} = {rank} is not a rank of this run (0..{world - 1}); use -1 to turn it off")
+        if rank >= 0 and cfg.faults.at_step == 0:
+            raise ConfigError(f"{key} = {rank} needs faults.at_step, the step in which it fires, e.g. faults.at_step=7")
+    if cfg.faults.nonfinite_steps and cfg.faults.at_step == 0:
+        raise ConfigError("faults.nonfinite_steps needs faults.at_step, the first step it poisons, e.g. faults.at_step=3")
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device = {dev!r} is not auto, cpu, cuda or cuda:N")
@@ -349,14 +393,14 @@ def _divisor_near(n: int, want: int) -> int:
 
 def get_value(cfg: Config, dotted: str) -> Any:
     section, _, key = dotted.partition(".")
-    return getattr(getattr(cfg, section), key)
+    return getattr(getattr(cfg, section), _attr(key))
 
 
 # ---------------------------------------------------------------- output
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    return dataclasses.asdict(cfg)
+    return {section: {_key(k): v for k, v in values.items()} for section, values in dataclasses.asdict(cfg).items()}
 
 
 def to_toml(cfg: Config) -> str:
@@ -394,5 +438,5 @@ def describe() -> str:
                 tname = " | ".join(typing.get_args(typ_))
             else:
                 tname = getattr(typ_, "__name__", str(typ_))
-            out.append(f"  {section}.{f.name} ({tname}, default {_toml_value(default)}): {f.metadata['help']}")
+            out.append(f"  {section}.{_key(f.name)} ({tname}, default {_toml_value(default)}): {f.metadata['help']}")
     return "\n".join(out)
