@@ -170,6 +170,18 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from megaloom.perf.commands import simulate_command
+
+    return simulate_command(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from megaloom.perf.commands import plan_command
+
+    return plan_command(args)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -245,6 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="fit the text timeline into this many characters")
     p.add_argument("-o", "--output", metavar="PNG", help="also draw the timeline to this PNG")
     p.set_defaults(func=cmd_schedule)
+
+    from megaloom.perf.commands import add_plan_args, add_simulate_args
+
+    p = verbs.add_parser("simulate", help="predict step time, throughput, MFU and memory of one layout on a cluster",
+                         description="Simulate one training step of a layout (t, p, d, b, v, recompute, ZeRO, "
+                                     "sequence parallelism) on a cluster: event-driven over the pipeline schedule's "
+                                     "action lists, with GEMM, network and memory models (docs/planner.md).")
+    add_simulate_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = verbs.add_parser("plan", help="search every layout of a model on a cluster and rank them by throughput",
+                         description="Enumerate every valid layout for a model, a GPU count and a global batch, drop "
+                                     "what does not fit in memory, rank by predicted throughput and explain the "
+                                     "winner against the runners-up (docs/planner.md).")
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,0 +1,159 @@
+"""`megaloom simulate` and `megaloom plan`: flags and their handlers (registered in megaloom/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megaloom.config import ConfigError, ModelConfig, load_config
+from megaloom.perf.cluster import load_cluster
+from megaloom.perf.costs import GIB, RECIPES, RECOMPUTE, Job, Layout
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a config file, or its shape)")
+    g.add_argument("--config", metavar="FILE", help="TOML config: its [model] (and train.global_batch) are used")
+    g.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    g.add_argument("--layers", type=int, metavar="L")
+    g.add_argument("--hidden", type=int, metavar="H")
+    g.add_argument("--heads", type=int, metavar="A")
+    g.add_argument("--vocab", type=int, metavar="V")
+    g.add_argument("--seq", type=int, metavar="S")
+    g.add_argument("--ffn", type=int, metavar="F", help="MLP width (default 4h for gpt2, ~8h/3 for llama)")
+    g.add_argument("--kv-heads", type=int, metavar="K", help="key/value heads (llama grouped-query attention)")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster", default="dgx-h100", metavar="NAME_OR_FILE",
+                   help="preset (dgx-a100, dgx-h100, ...) or a TOML file; default dgx-h100")
+    g.add_argument("--gpus", type=int, required=True, metavar="N")
+    g.add_argument("--sharp", action="store_true", help="turn in-network reduction (SHARP) on")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="megatron",
+                   help="the training program modelled: megatron (fused kernels, flash attention; default), "
+                        "megatron-2021 (scores materialized, as in the paper), eager (plain PyTorch autocast)")
+    p.add_argument("--global-batch", type=int, metavar="B", help="sequences per step (default: train.global_batch "
+                   "of --config)")
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    g = p.add_argument_group("layout (d = gpus / (tp·pp))")
+    g.add_argument("--tp", type=int, default=1, metavar="T")
+    g.add_argument("--pp", type=int, default=1, metavar="P")
+    g.add_argument("--microbatch", type=int, default=1, metavar="b")
+    g.add_argument("--chunks", type=int, default=1, metavar="v", help="model chunks per rank (interleaved 1F1B)")
+    g.add_argument("--recompute", choices=RECOMPUTE, default="none")
+    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb-h1"],
+                   help="pipeline schedule (default 1f1b, interleaved when --chunks > 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeline", metavar="PNG", help="draw the simulated pipeline to this PNG")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    g = p.add_argument_group("fixed constraints (any subset; the rest is searched)")
+    g.add_argument("--tp", type=int, metavar="T")
+    g.add_argument("--pp", type=int, metavar="P")
+    g.add_argument("--microbatch", type=int, metavar="b")
+    g.add_argument("--chunks", type=int, metavar="v")
+    g.add_argument("--recompute", choices=RECOMPUTE)
+    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3])
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many layouts to print (default 5)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the K best")
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, int | None]:
+    if args.config:
+        cfg = load_config(args.config)
+        return cfg.model, cfg.train.global_batch
+    missing = [f"--{n}" for n in ("layers", "hidden", "heads", "vocab", "seq") if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"the model needs {', '.join(missing)} (or --config FILE), e.g. --layers 24 --hidden 2048 "
+                          f"--heads 16 --vocab 50304 --seq 2048")
+    m = ModelConfig(family=args.family, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                    kv_heads=args.kv_heads or 0, ffn_hidden=args.ffn or 0, vocab_size=args.vocab, seq_len=args.seq)
+    for name, value in (("--layers", m.layers), ("--hidden", m.hidden), ("--heads", m.heads), ("--vocab", m.vocab_size),
+                        ("--seq", m.seq_len)):
+        if value < 1:
+            raise ConfigError(f"{name} ({value}) must be >= 1")
+    if m.hidden % m.heads:
+        raise ConfigError(f"--hidden ({m.hidden}) must be a multiple of --heads ({m.heads})")
+    if m.heads % m.n_kv_heads:
+        raise ConfigError(f"--heads ({m.heads}) must be a multiple of --kv-heads ({m.n_kv_heads})")
+    if m.kv_heads and m.family != "llama":
+        raise ConfigError("--kv-heads needs --family llama (grouped-query attention)")
+    return m, None
+
+
+def _setup(args: argparse.Namespace):  # noqa: ANN202
+    model, batch = model_from_args(args)
+    cluster = load_cluster(args.cluster, **({"sharp": True} if args.sharp else {}))
+    batch = args.global_batch or batch
+    if not batch:
+        raise ConfigError("--global-batch is required (sequences per optimizer step), e.g. --global-batch 512")
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus ({args.gpus}) must be >= 1")
+    return model, cluster, batch, RECIPES[args.recipe]
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    from megaloom.perf.simulator import simulate_job
+
+    model, cluster, batch, recipe = _setup(args)
+    if args.gpus % (args.tp * args.pp):
+        raise ConfigError(f"--gpus ({args.gpus}) must be a multiple of --tp x --pp ({args.tp} x {args.pp} = "
+                          f"{args.tp * args.pp}), since d = gpus / (tp·pp)")
+    layout = Layout(args.tp, args.pp, args.gpus // (args.tp * args.pp), args.microbatch, args.chunks, args.recompute,
+                    args.zero, args.sequence_parallel, args.schedule or "")
+    sim = simulate_job(Job(model, cluster, args.gpus, batch, layout, recipe))
+    report = sim.report()
+    if args.timeline:
+        from megaloom.observe.timeline import draw_timeline
+
+        title = f"{cluster.name}, {args.gpus} GPUs, {layout}: step {sim.step_time:.3f} s"
+        report["timeline"] = str(draw_timeline(sim.schedule_sim, Path(args.timeline), title))
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from megaloom.perf.planner import Planner, explain
+
+    model, cluster, batch, recipe = _setup(args)
+    if args.top < 1:
+        raise ConfigError(f"--top ({args.top}) must be >= 1")
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "microbatch", "chunks", "recompute", "zero")
+             if getattr(args, k) is not None}
+    planner = Planner(model, cluster, args.gpus, batch, recipe)
+    sims = planner.search(fixed, top=args.top)
+    if args.json:
+        print(json.dumps([s.report() for s in sims], indent=2))
+        return 0
+    print(f"{cluster.describe()}; {args.gpus} GPUs, global batch {batch}: {planner.considered} layouts fit, "
+          f"the best {len(sims)} simulated")
+    for i, s in enumerate(sims, start=1):
+        print(f"{i:>2}. {render(s.report(), short=True)}")
+    print("\n".join(explain(sims)))
+    return 0
+
+
+def render(r: dict, short: bool = False) -> str:
+    lay = (f"tp={r['tp']} pp={r['pp']} dp={r['dp']} b={r['microbatch']} v={r['chunks']} recompute={r['recompute']} "
+           f"zero={r['zero']}{' sp' if r['sequence_parallel'] else ''}")
+    head = (f"{lay}: {r['step_time_s']:.4g} s/step, {r['tokens_per_s']:,.0f} tokens/s, "
+            f"{r['model_tflops_per_gpu']:.1f} model TFLOP/s/GPU (MFU {r['mfu']:.1%}, HFU {r['hfu']:.1%}), "
+            f"bubble {r['bubble_fraction']:.1%}, {r['memory_per_gpu_gib']:.1f} GiB/GPU"
+            f"{'' if r['fits'] else ' (DOES NOT FIT)'}")
+    if short:
+        return head
+    t, c = r["time_breakdown_s"], r["comm_bytes_per_gpu"]
+    return "\n".join([
+        f"{r['cluster']} ({r['gpus']}x {r['gpu']}), global batch {r['global_batch']} = {r['microbatches']} "
+        f"microbatches x {r['microbatch']} x dp {r['dp']}, recipe {r['recipe']}, schedule {r['schedule']}",
+        head,
+        "time      " + ", ".join(f"{k.replace('_', ' ')} {v:.4g} s" for k, v in t.items()),
+        f"memory    {r['memory_state_gib']:.1f} GiB model state + {r['memory_activations_gib']:.1f} GiB activations "
+        f"(peak {r['memory_per_gpu_gib']:.1f} of {r['memory_capacity_gib']:g} GB)",
+        "traffic   " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in c.items()) + " per GPU per step",
+    ])

@@ -1,0 +1,336 @@
+"""Event-driven simulation of one training step of a layout on a cluster.
+
+The simulator runs the exact per-rank action lists of megaloom/parallel/schedules.py, lowered with
+their sends and receives (`lower`), one pipeline of t x p GPUs standing for all d replicas (they run
+in lockstep):
+
+- a compute action (F, B, I or W of a microbatch on a model chunk) takes the time `StageCosts` gives
+  its virtual stage: GEMMs from the GEMM model, attention, memory-bound kernels and the tensor-parallel
+  collectives inside each layer;
+- a send is asynchronous and delivers after the p2p time between the two stages' GPUs (network model,
+  with Megatron's scatter/gather of §4.1 when t > 1: each tp rank sends b·s·h/t on its own NIC and the
+  receivers all-gather over NVLink); a receive waits for its delivery;
+- data-parallel gradient reduction of a chunk starts when the chunk's last backward starts and runs
+  bucket by bucket behind it (overlap with the last backward), ZeRO-1/2 reduce-scatter instead and
+  all-gather the updated weights after the optimizer; ZeRO-3 gathers weights before every pass;
+- the optimizer step reads and writes the (sharded) fp32 state at the achieved memory bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+
+from megaloom.parallel.schedules import (
+    Action,
+    Costs,
+    Op,
+    Schedule,
+    ScheduleError,
+    ScheduleKind,
+    SimResult,
+    Span,
+    build_schedule,
+    lower,
+    virtual_stage,
+)
+from megaloom.perf import flops
+from megaloom.perf.collectives import Collective, collective_seconds
+from megaloom.perf.costs import GIB, USABLE_MEMORY, Job, PassTime, StageCosts, check_job
+
+ADAM_BYTES_PER_PARAMETER = 30  # fused AdamW: read fp32 weight, grad, m, v (16), write weight, m, v (12), bf16 copy (2)
+
+
+@dataclass
+class Simulation:
+    """One simulated step. Times in seconds, memory in bytes, communication in bytes per GPU per step."""
+
+    job: Job
+    step_time: float
+    pipeline_time: float
+    busy: tuple[float, ...]  # compute seconds per pipeline rank
+    spans: list[tuple[int, float, float, int, int, int]]  # rank, start, end, op code, microbatch, chunk
+    memory_by_rank: tuple[tuple[float, float, float], ...]  # (state, activations, peak total) per pipeline rank
+    comm_bytes: dict[str, float]
+    breakdown: dict[str, float]
+    costs: StageCosts = field(repr=False)
+    in_flight: list[int] = field(default_factory=list)  # peak microbatch-chunks held per rank
+
+    @cached_property
+    def schedule_sim(self) -> SimResult:
+        """The step as a schedules.SimResult in milliseconds, for observe.timeline's pictures."""
+        lay, c = self.job.layout, self.costs.chunk(0)
+        ops = (Op.FORWARD, Op.BACKWARD, Op.BACKWARD_INPUT, Op.BACKWARD_WEIGHT)
+        spans = tuple(Span(r, a * 1e3, b * 1e3, Action(ops[code], mb, ch)) for r, a, b, code, mb, ch in self.spans)
+        sched, _ = compiled(lay.schedule_kind, lay.pp, self.job.microbatches, lay.chunks)
+        p2p = p2p_seconds(self.job, 0, 1) * 1e3 if lay.pp > 1 else 0.0
+        ms = Costs(c.forward * 1e3, c.backward * 1e3, c.backward_input * 1e3, c.backward_weight * 1e3, p2p)
+        return SimResult(sched, ms, self.pipeline_time * 1e3, tuple(sorted(spans, key=lambda s: (s.rank, s.start))),
+                         tuple(b * 1e3 for b in self.busy), tuple(self.in_flight))
+
+    @cached_property
+    def tokens_per_step(self) -> int:
+        return self.job.global_batch * self.job.model.seq_len
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle time of the pipeline over its busiest rank's compute time (t_pb / t_id of §2.2.1)."""
+        ideal = max(self.busy)
+        return (self.pipeline_time - ideal) / ideal if ideal else 0.0
+
+    @property
+    def memory_per_gpu(self) -> float:
+        return max(total for _, _, total in self.memory_by_rank)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_per_gpu <= self.job.cluster.device.memory_gib * GIB * USABLE_MEMORY
+
+    def report(self) -> dict:
+        j, dev = self.job, self.job.cluster.device
+        tokens_per_s = self.tokens_per_step / self.step_time
+        model = flops.model_flops_per_token(j.model) * tokens_per_s / j.gpus
+        hardware = hardware_flops_per_token(j) * tokens_per_s / j.gpus
+        state, act, _ = max(self.memory_by_rank, key=lambda x: x[2])
+        return {
+            **j.layout.fields(),
+            "gpus": j.gpus, "cluster": j.cluster.name, "gpu": dev.name, "global_batch": j.global_batch,
+            "microbatches": j.microbatches, "recipe": j.recipe.name,
+            "step_time_s": self.step_time,
+            "tokens_per_s": tokens_per_s,
+            "model_tflops_per_gpu": model / 1e12,
+            "hardware_tflops_per_gpu": hardware / 1e12,
+            "mfu": model / (dev.bf16_tflops * 1e12),
+            "hfu": hardware / (dev.bf16_tflops * 1e12),
+            "bubble_fraction": self.bubble_fraction,
+            "memory_per_gpu_gib": self.memory_per_gpu / GIB,
+            "memory_state_gib": state / GIB,
+            "memory_activations_gib": act / GIB,
+            "memory_capacity_gib": dev.memory_gib,
+            "fits": self.fits,
+            "comm_bytes_per_gpu": dict(self.comm_bytes),
+            "time_breakdown_s": dict(self.breakdown),
+        }
+
+
+def hardware_flops_per_token(job: Job) -> float:
+    """FLOPs executed per token: full recomputation reruns the forward (paper §5.1's 96 form), selective
+    the attention scores and values (4·s·h per layer and token, Korthikanti et al. 2022 §5)."""
+    m, mode = job.model, job.layout.recompute
+    if mode == "selective":
+        return flops.model_flops_per_token(m) + m.layers * 4 * m.seq_len * m.hidden
+    return flops.hardware_flops_per_token(m, mode)
+
+
+# ---------------------------------------------------------------- placement of the pipeline
+
+
+def stage_rank(job: Job, pp_rank: int) -> int:
+    """Global rank of the (tp 0, dp 0) GPU of a pipeline stage (grid.py: rank = pp·dp·tp + dp·tp + tp)."""
+    lay = job.layout
+    return pp_rank * lay.dp * lay.tp
+
+
+def p2p_seconds(job: Job, src_pp: int, dst_pp: int) -> float:
+    """One microbatch's activations (or gradients), b·s·h bf16 values, from one stage to the next."""
+    lay, m, c = job.layout, job.model, job.cluster
+    size = lay.microbatch * m.seq_len * m.hidden * 2.0
+    a, b = stage_rank(job, src_pp), stage_rank(job, dst_pp)
+    if lay.tp == 1:
+        return collective_seconds(c, Collective.P2P, size, (a, b))
+    # scatter/gather (§4.1): each tp rank sends its 1/t slice on its own link; the receivers all-gather it
+    # over NVLink. With sequence parallelism the activations are already split along the sequence.
+    send = collective_seconds(c, Collective.P2P, size / lay.tp, (a, b))
+    if lay.sequence_parallel:
+        return send
+    return send + collective_seconds(c, Collective.ALL_GATHER, size, tuple(range(b, b + lay.tp)))
+
+
+def dp_group(job: Job, pp_rank: int) -> tuple[int, ...]:
+    """The data-parallel group of a stage's tp-rank-0 GPU: every tp-th rank (grid.group_of, tested equal)."""
+    lay = job.layout
+    first = stage_rank(job, pp_rank)
+    return tuple(range(first, first + lay.dp * lay.tp, lay.tp))
+
+
+# ---------------------------------------------------------------- the event loop
+
+_F, _B, _I, _W, _RECV, _SEND = range(6)
+_CODE = {Op.FORWARD: _F, Op.BACKWARD: _B, Op.BACKWARD_INPUT: _I, Op.BACKWARD_WEIGHT: _W,
+         Op.RECV_F: _RECV, Op.RECV_B: _RECV, Op.SEND_F: _SEND, Op.SEND_B: _SEND}
+
+
+@lru_cache(maxsize=64)
+def compiled(kind: ScheduleKind, p: int, m: int, v: int) -> tuple[Schedule, tuple[tuple[tuple[int, ...], ...], ...]]:
+    """The schedule and, per rank, its lowered actions as plain tuples (code, microbatch, chunk, stage, key):
+    the same lists, in a form the event loop walks quickly. `key` names a transfer: the receiving
+    stage, the direction and the microbatch, identical on the sending and the receiving side."""
+    schedule = build_schedule(kind, p, m, v)
+    stages = p * v
+    out = []
+    for r, acts in enumerate(lower(schedule)):
+        rows = []
+        for a in acts:
+            stage = virtual_stage(r, a.chunk, p)
+            to = {Op.SEND_F: stage + 1, Op.SEND_B: stage - 1}.get(a.op, stage)
+            backward = a.op in (Op.SEND_B, Op.RECV_B)
+            rows.append((_CODE[a.op], a.microbatch, a.chunk, stage, (a.microbatch * stages + to) * 2 + backward, to))
+        out.append(tuple(rows))
+    return schedule, tuple(out)
+
+
+@dataclass
+class PipelineRun:
+    spans: list[tuple[int, float, float, int, int, int]]  # rank, start, end, code, microbatch, chunk
+    busy: list[float]
+    finish: list[float]
+    peak_in_flight: list[int]
+    last_backward: dict[int, tuple[float, float]]  # per virtual stage: (start, end) of its last B or W
+
+
+def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
+    """Walk every rank's lowered action list in order, each action as early as its rank and its inputs allow."""
+    lay = job.layout
+    p, v = lay.pp, lay.chunks
+    _, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
+    zero3 = _zero3_gathers(job, costs) if lay.zero == 3 else None
+    durations = [[_duration(code, costs.chunk(s), zero3) for code in (_F, _B, _I, _W)] for s in range(p * v)]
+    p2p = {}
+    for s in range(p * v - 1):  # the time a transfer between stages s and s+1 takes, both ways
+        p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 else 0.0
+    arrivals: dict[int, float] = {}
+    clock, busy, pos = [0.0] * p, [0.0] * p, [0] * p
+    held, peak = [0] * p, [0] * p
+    release = _W if lay.schedule_kind is ScheduleKind.ZB_H1 else _B
+    spans: list[tuple[int, float, float, int, int, int]] = []
+    last_backward: dict[int, tuple[float, float]] = {}
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(p):
+            acts, i, now = lists[r], pos[r], clock[r]
+            n = len(acts)
+            while i < n:
+                code, mb, chunk, stage, key, to = acts[i]
+                if code == _RECV:
+                    if key not in arrivals:
+                        break
+                    now = max(now, arrivals.pop(key))
+                elif code == _SEND:
+                    arrivals[key] = now + p2p[min(stage, to)]
+                else:
+                    d = durations[stage][code]
+                    spans.append((r, now, now + d, code, mb, chunk))
+                    now += d
+                    busy[r] += d
+                    held[r] += (code == _F) - (code == release)
+                    if held[r] > peak[r]:
+                        peak[r] = held[r]
+                    if code == _B or code == _W:
+                        last_backward[stage] = (now - d, now)
+                i += 1
+            if i != pos[r]:
+                progressed = True
+            pos[r], clock[r] = i, now
+    stuck = [r for r in range(p) if pos[r] < len(lists[r])]
+    if stuck:
+        raise ScheduleError(f"simulation of {lay.schedule_kind.value} deadlocked on ranks {stuck}")
+    return PipelineRun(spans, busy, clock, peak, last_backward)
+
+
+def _duration(code: int, t: PassTime, zero3: tuple[float, float] | None) -> float:
+    d = (t.forward, t.backward, t.backward_input, t.backward_weight)[code]
+    if zero3 is not None:  # weights gathered (and gradients reduce-scattered) one layer ahead, behind compute
+        d = max(d, zero3[0] if code == _F else zero3[1])
+    return d
+
+
+def _zero3_gathers(job: Job, costs: StageCosts) -> tuple[float, float]:
+    """Per-chunk communication of ZeRO-3 for one microbatch: gather (forward); gather + reduce-scatter (backward)."""
+    lay = job.layout
+    layers = job.model.layers // (lay.pp * lay.chunks)
+    weights = costs.layer_parameters / lay.tp * layers
+    group = dp_group(job, 0)
+    gather = collective_seconds(job.cluster, Collective.ALL_GATHER, weights * 2, group)
+    scatter = collective_seconds(job.cluster, Collective.REDUCE_SCATTER, weights * 4, group)
+    return gather, gather + scatter
+
+
+def finish_step(job: Job, costs: StageCosts, r: int, finish: float,
+                last_backward: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """When pipeline rank r is done with the step: gradient reduction over dp, behind each chunk's last
+    backward (bucket by bucket: it starts with the pass and its last bucket leaves when the pass ends),
+    then the optimizer, then ZeRO-1/2's gather of the updated weights. Returns (end, exposed comm, optimizer)."""
+    lay, c, m = job.layout, job.cluster, job.model
+    params, group, d = costs.rank_parameters(r), dp_group(job, r), lay.dp
+    comm_free = 0.0
+    if lay.zero in (0, 1, 2) and d > 1:
+        op = Collective.ALL_REDUCE if lay.zero == 0 else Collective.REDUCE_SCATTER
+        share = collective_seconds(c, op, params / lay.chunks * 4, group)  # fp32 gradients
+        buckets = m.layers // (lay.pp * lay.chunks)
+        for start, end in sorted(last_backward, key=lambda se: se[1]):
+            begin = max(comm_free, start)
+            comm_free = max(begin + share, end + share / buckets)
+    grads_done = max(finish, comm_free)
+    opt = params / (d if lay.zero else 1) * ADAM_BYTES_PER_PARAMETER / c.device.copy_bytes_per_s
+    after = collective_seconds(c, Collective.ALL_GATHER, params * 2, group) if lay.zero in (1, 2) and d > 1 else 0.0
+    return grads_done + opt + after, grads_done - finish + after, opt
+
+
+def global_sync_seconds(job: Job) -> float:
+    """Step-wide scalars (gradient norm, loss) and the tied embedding's gradient between first and last stage."""
+    c, lay, m = job.cluster, job.layout, job.model
+    t = 2 * collective_seconds(c, Collective.ALL_REDUCE, 8.0, tuple(range(0, job.gpus, max(1, job.gpus // 8))))
+    if m.family == "gpt2" and lay.pp > 1:
+        t += collective_seconds(c, Collective.ALL_REDUCE, m.vocab_size * m.hidden / lay.tp * 4,
+                                (stage_rank(job, 0), stage_rank(job, lay.pp - 1)))
+    return t
+
+
+def simulate_job(job: Job) -> Simulation:
+    lay, m, c = job.layout, job.model, job.cluster
+    check_job(m, job.gpus, job.global_batch, lay, c)
+    costs = StageCosts(job)
+    run = run_pipeline(job, costs)
+    busy, clock, peak, last_backward = run.busy, run.finish, run.peak_in_flight, run.last_backward
+    pipeline_time = max(clock)
+    p, v = lay.pp, lay.chunks
+    ends, dp_exposed, opt_time = [], 0.0, 0.0
+    for r in range(p):
+        end, exposed, opt = finish_step(job, costs, r, clock[r],
+                                        [last_backward[virtual_stage(r, ch, p)] for ch in range(v)])
+        ends.append(end)
+        if end - clock[r] > dp_exposed + opt_time:
+            dp_exposed, opt_time = exposed, opt
+    step = max(ends) + global_sync_seconds(job)
+    memory_by_rank = tuple(costs.memory_bytes(r, peak[r]) for r in range(p))
+    comm = communication_volume(job, costs)
+    mean = sum(costs.chunk(s).tp_comm for s in range(p * v)) / p * job.microbatches
+    breakdown = {
+        "compute": max(busy) - mean,
+        "tp_comm": mean,
+        "pipeline_bubble": pipeline_time - max(busy),
+        "dp_comm_exposed": dp_exposed,
+        "optimizer": opt_time,
+    }
+    return Simulation(job, step, pipeline_time, tuple(busy), run.spans, memory_by_rank, comm, breakdown, costs,
+                      list(peak))
+
+
+def communication_volume(job: Job, costs: StageCosts) -> dict[str, float]:
+    """Bytes each GPU sends per step, by kind (paper §3.2: tp 8·b·s·h·(t-1)/t per layer and microbatch in
+    bf16 bytes for forward + backward; pp b·s·h per microbatch and stage boundary, /t with scatter/gather,
+    times v under interleaving; dp 2·(d-1)/d of the gradients for a ring all-reduce)."""
+    lay, m = job.layout, job.model
+    t, d, mb = lay.tp, lay.dp, job.microbatches
+    bsh = lay.microbatch * m.seq_len * m.hidden
+    layers = m.layers // lay.pp
+    passes = 3 if lay.recompute == "full" else 2  # forward, backward, and the recomputed forward
+    tp = passes / 2 * 8 * bsh * (t - 1) / t * layers * mb * 2 / 2 if t > 1 else 0.0
+    pp = 2 * bsh * 2 / t * lay.chunks * mb if lay.pp > 1 else 0.0  # activations out, gradients back
+    params = max(costs.rank_parameters(r) for r in range(lay.pp))
+    dp = 0.0
+    if d > 1:
+        dp = {0: 2 * 4 * params, 1: 4 * params + 2 * params, 2: 4 * params + 2 * params,
+              3: mb * (2 * 2 + 4) * params}[lay.zero] * (d - 1) / d
+    return {"tp": tp, "pp": pp, "dp": dp}
