@@ -136,7 +136,7 @@ def make_cluster(raw: dict, where: str = "cluster") -> Cluster:
     for key in ("gpu", "gpus_per_node"):
         if key not in raw:
             raise ConfigError(f"{where}: missing key {key!r}")
-    values = dict(raw)
+    values = {"name": where, **raw}
     try:
         values["topology"] = Topology(values.get("topology", "fat-tree"))
     except ValueError:

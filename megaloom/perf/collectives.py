@@ -167,16 +167,11 @@ def inter_link(c: Cluster, p: Placement) -> Link:
 
 
 def bisection_fraction(c: Cluster, p: Placement) -> float:
-    """Bandwidth across the network's bisection relative to every node sending at full rate (all-to-all)."""
-    if p.nodes == 1:
-        return 1.0
-    if c.topology is Topology.TORUS:
-        # k-ary n-cube: 2·N/k links cross the cut each way, each 1/(2·dims) of a node's injection
+    """All-to-all traffic crosses the network's bisection. Fat-tree oversubscription and dragonfly global
+    links already taper `inter_link`'s bandwidth; a torus adds its narrow bisection: 2·N/k links cross the
+    cut of a k-ary n-cube each way, each 1/(2·dims) of a node's injection, against N/2 nodes sending."""
+    if p.nodes > 1 and c.topology is Topology.TORUS:
         return min(1.0, 4 / (max(c.torus_dims) * len(c.torus_dims)))
-    if c.topology is Topology.DRAGONFLY and p.leaves > 1:
-        return c.global_fraction
-    if c.topology in (Topology.FAT_TREE, Topology.RAIL_OPTIMIZED) and p.leaves > 1:
-        return 1 / c.oversubscription
     return 1.0
 
 

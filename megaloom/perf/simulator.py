@@ -318,19 +318,24 @@ def simulate_job(job: Job) -> Simulation:
 
 
 def communication_volume(job: Job, costs: StageCosts) -> dict[str, float]:
-    """Bytes each GPU sends per step, by kind (paper §3.2: tp 8·b·s·h·(t-1)/t per layer and microbatch in
-    bf16 bytes for forward + backward; pp b·s·h per microbatch and stage boundary, /t with scatter/gather,
-    times v under interleaving; dp 2·(d-1)/d of the gradients for a ring all-reduce)."""
+    """Bytes each GPU sends per step, by kind.
+
+    - tp: §3.2 of Narayanan et al.: 8·b·s·h·(t-1)/t values per layer and microbatch (two ring all-reduces
+      in forward and two in backward, each 2·(t-1)/t·b·s·h), 2 bytes each; full recomputation adds the
+      forward's two.
+    - pp: b·s·h values per microbatch across each stage boundary, b·s·h/t per GPU with scatter/gather
+      (§4.1), forward activations and backward gradients, v times under interleaving (§2.2.2).
+    - dp: a ring all-reduce of the fp32 gradients sends 2·(d-1)/d of them; ZeRO-1/2 reduce-scatter
+      them ((d-1)/d) and all-gather bf16 weights ((d-1)/d); ZeRO-3 gathers weights twice and
+      reduce-scatters gradients per microbatch.
+    """
     lay, m = job.layout, job.model
     t, d, mb = lay.tp, lay.dp, job.microbatches
     bsh = lay.microbatch * m.seq_len * m.hidden
-    layers = m.layers // lay.pp
-    passes = 3 if lay.recompute == "full" else 2  # forward, backward, and the recomputed forward
-    tp = passes / 2 * 8 * bsh * (t - 1) / t * layers * mb * 2 / 2 if t > 1 else 0.0
-    pp = 2 * bsh * 2 / t * lay.chunks * mb if lay.pp > 1 else 0.0  # activations out, gradients back
+    all_reduces = 6 if lay.recompute == "full" else 4
+    tp = all_reduces * 2 * (t - 1) / t * bsh * 2 * (m.layers // lay.pp) * mb
+    pp = 2 * bsh / t * 2 * lay.chunks * mb if lay.pp > 1 else 0.0
     params = max(costs.rank_parameters(r) for r in range(lay.pp))
-    dp = 0.0
-    if d > 1:
-        dp = {0: 2 * 4 * params, 1: 4 * params + 2 * params, 2: 4 * params + 2 * params,
-              3: mb * (2 * 2 + 4) * params}[lay.zero] * (d - 1) / d
+    dp = {0: 2 * 4 * params, 1: (4 + 2) * params, 2: (4 + 2) * params,
+          3: mb * (2 * 2 + 4) * params}[lay.zero] * (d - 1) / d
     return {"tp": tp, "pp": pp, "dp": dp}

@@ -1,0 +1,65 @@
+"""`megaloom simulate` and `megaloom plan`: help, JSON fields, one-line errors, the timeline picture."""
+
+import json
+
+import pytest
+
+from megaloom.cli import main
+
+MODEL = ["--layers", "24", "--hidden", "2048", "--heads", "16", "--vocab", "50304", "--seq", "2048"]
+FIELDS = {"step_time_s", "tokens_per_s", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
+          "bubble_fraction", "memory_per_gpu_gib", "fits"}
+LAYOUT = {"tp", "pp", "dp", "microbatch", "chunks", "recompute", "zero", "sequence_parallel"}
+
+
+@pytest.mark.parametrize("verb", ["simulate", "plan"])
+def test_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert f"usage: megaloom {verb}" in capsys.readouterr().out
+
+
+def test_simulate_json_and_timeline(tmp_path, capsys):
+    png = tmp_path / "t.png"
+    assert main(["simulate", *MODEL, "--cluster", "dgx-a100", "--gpus", "16", "--tp", "2", "--pp", "4",
+                 "--global-batch", "64", "--microbatch", "2", "--chunks", "2", "--recompute", "selective",
+                 "--zero", "1", "--sequence-parallel", "--json", "--timeline", str(png)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert FIELDS | LAYOUT <= set(r)
+    assert (r["tp"], r["pp"], r["dp"], r["chunks"], r["schedule"]) == (2, 4, 2, 2, "interleaved")
+    assert png.stat().st_size > 10_000
+
+
+def test_simulate_text_from_a_config(capsys):
+    assert main(["simulate", "--config", "configs/gpt-1.3b.toml", "--gpus", "8", "--microbatch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "s/step" in out and "GiB model state" in out
+
+
+def test_plan_json(capsys):
+    assert main(["plan", *MODEL, "--cluster", "dgx-h100", "--gpus", "16", "--global-batch", "256",
+                 "--tp", "2", "--top", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and all(FIELDS | LAYOUT <= set(r) for r in rows)
+    assert all(r["tp"] == 2 and r["fits"] for r in rows)
+    assert rows[0]["step_time_s"] <= rows[1]["step_time_s"] <= rows[2]["step_time_s"]
+
+
+def test_plan_text_explains(capsys):
+    assert main(["plan", *MODEL, "--gpus", "8", "--global-batch", "64", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "#2 differs in" in out and "slower" in out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["simulate", *MODEL, "--gpus", "12", "--tp", "8", "--global-batch", "64"], "--gpus (12) must be a multiple of --tp"),
+    (["simulate", *MODEL, "--gpus", "6", "--tp", "3", "--global-batch", "64"], "--tp (3) must divide the attention heads"),
+    (["simulate", *MODEL, "--gpus", "8", "--cluster", "nowhere", "--global-batch", "8"], "--cluster 'nowhere'"),
+    (["simulate", "--layers", "2", "--gpus", "8", "--global-batch", "8"], "the model needs --hidden"),
+    (["plan", *MODEL, "--gpus", "8"], "--global-batch is required"),
+])
+def test_errors_are_one_line(args, match, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megaloom: error: ") and match in err and err.count("\n") == 1

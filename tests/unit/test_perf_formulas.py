@@ -1,0 +1,120 @@
+"""Model math of the planner against hand-computed values from Narayanan et al. 2021 (reference/004) and
+Korthikanti et al. 2022; the simulator's pipeline against the paper's bubble formulas."""
+
+import pytest
+
+from megaloom.config import ConfigError, ModelConfig
+from megaloom.parallel.grid import Axis, group_of
+from megaloom.parallel.schedules import Costs, ScheduleKind, build_schedule, simulate
+from megaloom.perf import flops, memory
+from megaloom.perf.cluster import load_cluster
+from megaloom.perf.costs import MEGATRON, MEGATRON_2021, Job, Layout, StageCosts, check_job, peak_in_flight
+from megaloom.perf.simulator import communication_volume, dp_group, hardware_flops_per_token, simulate_job
+
+GPT_1T = ModelConfig(family="gpt2", layers=128, hidden=25600, heads=160, vocab_size=51200, seq_len=2048)
+SMALL = ModelConfig(family="gpt2", layers=16, hidden=1024, heads=16, vocab_size=32000, seq_len=1024)
+
+
+def job(model=SMALL, gpus=8, batch=64, cluster="dgx-a100", recipe=MEGATRON, **lay):
+    t, p = lay.get("tp", 1), lay.get("pp", 1)
+    return Job(model, load_cluster(cluster), gpus, batch, Layout(dp=gpus // (t * p), **lay), recipe)
+
+
+def test_parameters_of_the_1t_model():
+    # Table 1 of the paper: 1008.0 billion parameters for (l, h) = (128, 25600), V = 51200, s = 2048
+    assert flops.paper_parameters(128, 25600, 51200, 2048) / 1e9 == pytest.approx(1008.0, abs=0.05)
+    # megaloom's exact count adds the final LayerNorm (2h)
+    assert flops.parameters(GPT_1T) == round(flops.paper_parameters(128, 25600, 51200, 2048)) + 2 * 25600
+
+
+def test_flops_per_iteration_of_the_1t_row():
+    # 163 TFLOP/s per GPU on 3072 GPUs at batch 3072 (counting recomputation, §5.1) means one iteration of
+    # 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)) FLOPs takes that many seconds:
+    f = flops.paper_flops_per_iteration(3072, 2048, 128, 25600, 51200, recompute=True)
+    hand = 96 * 3072 * 2048 * 128 * 25600**2 * (1 + 2048 / (6 * 25600) + 51200 / (16 * 128 * 25600))
+    assert f == pytest.approx(hand)
+    assert f / (163e12 * 3072) == pytest.approx(102.6, abs=0.1)  # seconds per iteration, implied by the paper
+    # megaloom's per-token counts reproduce both forms
+    tokens = 3072 * 2048
+    j = job(GPT_1T, 3072, 3072, tp=8, pp=64, recompute="full")
+    assert hardware_flops_per_token(j) * tokens == pytest.approx(f, rel=1e-3)
+    assert flops.model_flops_per_token(GPT_1T) * tokens == pytest.approx(
+        flops.paper_flops_per_iteration(3072, 2048, 128, 25600, 51200), rel=1e-3)
+
+
+def test_selective_recompute_adds_the_attention_core_forward():
+    j = job(recompute="selective")
+    s, h, l = SMALL.seq_len, SMALL.hidden, SMALL.layers
+    assert hardware_flops_per_token(j) - flops.model_flops_per_token(SMALL) == 4 * s * h * l
+
+
+@pytest.mark.parametrize("t,sp,mode", [(1, False, "none"), (8, False, "none"), (8, True, "none"),
+                                       (4, False, "selective"), (8, True, "full"), (2, False, "full")])
+def test_activation_memory_is_korthikanti(t, sp, mode):
+    """The recipe's per-layer bytes equal memory.activation_bytes_per_layer, s·b·h·(10 + 24/t + 5as/(ht)) etc."""
+    j = job(gpus=8, tp=t, microbatch=2, recompute=mode, sequence_parallel=sp, recipe=MEGATRON_2021)
+    s, b, h, a = SMALL.seq_len, 2, SMALL.hidden, SMALL.heads
+    assert StageCosts(j).activation_bytes_per_layer() == pytest.approx(
+        memory.activation_bytes_per_layer(s, b, h, a, t, sp, mode))
+    if t == 1 and mode == "none":  # the paper's s·b·h·(34 + 5·a·s/h), by hand
+        assert StageCosts(j).activation_bytes_per_layer() == s * b * h * (34 + 5 * a * s / h)
+
+
+def test_flash_attention_keeps_no_scores():
+    j = job(tp=2, microbatch=2)
+    s, b, h = SMALL.seq_len, 2, SMALL.hidden
+    assert StageCosts(j).activation_bytes_per_layer() == s * b * h * (10 + 24 / 2)
+
+
+def test_state_bytes_per_zero_stage():
+    assert [memory.state_bytes_per_parameter(z, 8) for z in range(4)] == [16, 4 + 12 / 8, 2 + 14 / 8, 2]
+
+
+@pytest.mark.parametrize("kind,p,m,v", [("1f1b", 4, 8, 1), ("1f1b", 8, 3, 1), ("interleaved", 4, 8, 2),
+                                        ("interleaved", 4, 12, 3), ("gpipe", 4, 6, 1), ("zb-h1", 4, 8, 1)])
+def test_peak_in_flight_matches_the_schedules(kind, p, m, v):
+    sim = simulate(build_schedule(kind, p, m, v), Costs())
+    for r in range(p):
+        assert peak_in_flight(ScheduleKind(kind), p, m, v, r) == sim.peak_in_flight[r]
+
+
+def test_dp_group_is_the_grid_group():
+    j = job(gpus=64, batch=64, tp=2, pp=4)
+    for pp_rank in range(4):
+        first = dp_group(j, pp_rank)[0]
+        assert list(dp_group(j, pp_rank)) == group_of(first, Axis.DP, 2, 4, 8)
+
+
+@pytest.mark.parametrize("p,m,v", [(4, 16, 1), (8, 32, 1), (4, 16, 2), (4, 16, 4)])
+def test_simulated_bubble_is_the_papers(p, m, v):
+    """Uniform stages, no head/embedding cost difference: bubble (p-1)/m, interleaved (p-1)/(m·v) (§2.2)."""
+    model = ModelConfig(family="gpt2", layers=32, hidden=2048, heads=16, vocab_size=256, seq_len=1024)
+    sim = simulate_job(job(model, gpus=p, batch=m, pp=p, chunks=v))
+    assert sim.bubble_fraction == pytest.approx((p - 1) / (m * v), rel=0.12)
+
+
+def test_communication_volumes_by_hand():
+    j = job(GPT_1T, 3072, 3072, tp=8, pp=64, recompute="none")
+    vol = communication_volume(j, StageCosts(j))
+    b, s, h, t, layers, m = 1, 2048, 25600, 8, 128 // 64, 3072 // 6
+    assert vol["tp"] == pytest.approx(8 * b * s * h * (t - 1) / t * 2 * layers * m)  # §3.2, in bf16 bytes
+    assert vol["pp"] == pytest.approx(2 * b * s * h / t * 2 * m)  # §4.1 scatter/gather: b·s·h/t each way
+    jv = job(GPT_1T, 3072, 3072, tp=8, pp=64, chunks=2)
+    assert communication_volume(jv, StageCosts(jv))["pp"] == 2 * vol["pp"]  # interleaving: v times (§2.2.2)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (dict(gpus=12, tp=8), "--gpus \\(12\\) must be a multiple of --tp x --pp"),
+    (dict(tp=3, gpus=9), "--tp \\(3\\) must divide the attention heads \\(16\\)"),
+    (dict(pp=3, gpus=9), "--pp x --chunks \\(3 x 1\\) must divide the layers"),
+    (dict(microbatch=3), "--global-batch \\(64\\) must be a multiple of --microbatch x dp"),
+    (dict(pp=4, chunks=2, batch=24, microbatch=2), "multiple of --pp \\(4\\)"),
+    (dict(pp=2, zero=2), "--zero 2 shards the gradients"),
+    (dict(sequence_parallel=True), "needs --tp > 1"),
+])
+def test_bad_layouts_name_the_flag(flags, match):
+    gpus, batch = flags.pop("gpus", 8), flags.pop("batch", 64)
+    t, p = flags.get("tp", 1), flags.get("pp", 1)
+    lay = Layout(dp=max(1, gpus // (t * p)), **flags)
+    with pytest.raises(ConfigError, match=match):
+        check_job(SMALL, gpus, batch, lay)
