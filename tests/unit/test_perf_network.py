@@ -87,7 +87,8 @@ def test_across_nodes_hierarchical_by_hand():
     intra, inter = intra_link(A100), inter_link(A100, p)
     assert inter.beta == pytest.approx(200e9 / 8 * 0.9)  # one NIC's share per GPU
     hier = (2 * cc.ring_reduce_scatter(4, S, intra.alpha, intra.beta)
-            + min(cc.ring_all_reduce(8, S / 4, inter.alpha, inter.beta), cc.tree_all_reduce(8, S / 4, inter.alpha, inter.beta)))
+            + min(cc.ring_all_reduce(8, S / 4, inter.alpha, inter.beta),
+                  cc.tree_all_reduce(8, S / 4, inter.alpha, inter.beta)))
     assert collective_seconds(A100, Collective.ALL_REDUCE, S, ranks, Algorithm.HIERARCHICAL) == pytest.approx(hier)
     flat = cc.ring_all_reduce(32, S, inter.alpha, min(intra.beta, 4 * inter.beta))
     assert collective_seconds(A100, Collective.ALL_REDUCE, S, ranks, Algorithm.RING) == pytest.approx(flat)
