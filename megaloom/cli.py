@@ -42,9 +42,12 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def launch_env() -> LaunchEnv:
-    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; a plain `megaloom train` is one process."""
-    return LaunchEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                     int(os.environ.get("LOCAL_RANK", 0)))
+    """RANK / WORLD_SIZE / LOCAL_RANK (and the restart count and store address) as torchrun sets them;
+    a plain `megaloom train` is one process."""
+    e = os.environ
+    return LaunchEnv(int(e.get("RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_RANK", 0)),
+                     restart=int(e.get("TORCHELASTIC_RESTART_COUNT", 0)), master_addr=e.get("MASTER_ADDR", ""),
+                     master_port=int(e.get("MASTER_PORT", 0)), agent_store=e.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

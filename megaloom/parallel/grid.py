@@ -22,6 +22,7 @@ import enum
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from types import MappingProxyType
 
 import torch.distributed as dist
@@ -324,13 +325,26 @@ def _resolve_rank(rank: int | None, world_size: int | None, initialized: bool) -
     return actual
 
 
+_TIMEOUT: list[timedelta | None] = [None]
+
+
+def set_group_timeout(timeout: timedelta) -> None:
+    """The timeout of every group created from now on. torch's new_group does not inherit the world
+    group's timeout (it falls back to 30 minutes), so a hung peer would go unnoticed on sub-groups."""
+    _TIMEOUT[0] = timeout
+
+
+def new_group(ranks: list[int], backend: str | None = None) -> dist.ProcessGroup:
+    return dist.new_group(ranks, timeout=_TIMEOUT[0], backend=backend)
+
+
 def _new_groups(rank: int, tp: int, pp: int, dp: int) -> dict[Axis, dist.ProcessGroup]:
     """new_group is collective over the whole world: every rank creates every group, in the same
     order, and keeps the ones it is in."""
     mine: dict[Axis, dist.ProcessGroup] = {}
     for axis in Axis:
         for ranks in group_ranks(axis, tp, pp, dp):
-            group = dist.new_group(ranks)
+            group = new_group(ranks)
             if rank in ranks:
                 mine[axis] = group
     return mine

@@ -11,11 +11,12 @@ import torch.distributed as dist
 from megaloom.config import Config, ConfigError
 from megaloom.model import build_model
 from megaloom.model.init import init_model
+from megaloom.model.recompute import set_recompute
 from megaloom.model.transformer import Transformer
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.data import DPGroup, GradBuffer, ShardedAdamW
 from megaloom.parallel.grads import FSDPState, GradSync
-from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, validate_sizes
+from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, new_group, set_group_timeout, validate_sizes
 from megaloom.parallel.pipeline import PipelineRunner, StageLink, rank_chunk_layers, stage_layers
 from megaloom.parallel.schedules import build_schedule, virtual_stage
 from megaloom.parallel.tensor import parallelize_tensor
@@ -29,6 +30,10 @@ class LaunchEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    restart: int = 0  # torchrun --max-restarts: how many times the job has been restarted
+    master_addr: str = ""  # where torchrun's agent serves its store
+    master_port: int = 0
+    agent_store: bool = False  # the processes share the agent's store (torchrun's default)
 
 
 def start(cfg: Config, env: LaunchEnv) -> tuple[ProcessGrid, torch.device]:
@@ -41,9 +46,21 @@ def start(cfg: Config, env: LaunchEnv) -> tuple[ProcessGrid, torch.device]:
         if backend == "nccl" and device.type != "cuda":
             raise ConfigError("parallel.backend = \"nccl\" needs GPUs; use \"gloo\" or \"auto\" on CPUs")
         # a dead or hung peer makes the waiting collective fail after parallel.timeout_s instead of never
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, store=_restart_store(env, p),
                                 timeout=timedelta(seconds=p.timeout_s))
+    set_group_timeout(timedelta(seconds=p.timeout_s))
     return ProcessGrid.from_config(p, cfg.model, rank=env.rank, world_size=env.world_size), device
+
+
+def _restart_store(env: LaunchEnv, p) -> dist.Store | None:
+    """After a torchrun restart the agent's store still holds the dead attempt's addresses, and gloo
+    connects to them (torch 2.13: "Connection refused" in connectFullMesh). A prefix per attempt keeps
+    each attempt's keys apart. None (torch's own env:// rendezvous) on the first attempt."""
+    if env.restart == 0 or not env.agent_store or not env.master_addr:
+        return None
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                          timeout=timedelta(seconds=p.timeout_s))
+    return dist.PrefixStore(f"megaloom/attempt_{env.restart}", store)
 
 
 def tp_group(grid: ProcessGrid, sequence_parallel: bool) -> TPGroup | None:
@@ -104,6 +121,7 @@ def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Trai
         if pipe is not None:  # FSDP2 replaced the parameter objects: find the tied embeddings again
             pipe.tied = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None]
             pipe.tied_copy = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None and not ch.first]
+    set_recompute(model, cfg.train.recompute)
     params = [p for p in model.parameters() if p.requires_grad]
     buffer = None
     if (grid.dp > 1 or cfg.parallel.zero == 1) and fsdp is None:
@@ -144,7 +162,7 @@ def _self_group(grid: ProcessGrid) -> dist.ProcessGroup:
     """dp = 1 under ZeRO-2/3: a one-rank group per process (every rank creates every group)."""
     mine = None
     for r in range(grid.world_size):
-        g = dist.new_group([r])
+        g = new_group([r])
         if r == grid.rank:
             mine = g
     return mine
@@ -178,7 +196,7 @@ def _embedding_group(grid: ProcessGrid) -> dist.ProcessGroup | None:
     """First and last pipeline stage of this rank's pipeline. Every rank creates every such group."""
     mine = None
     for ranks in group_ranks(Axis.PP, grid.tp, grid.pp, grid.dp):
-        group = dist.new_group([ranks[0], ranks[-1]])
+        group = new_group([ranks[0], ranks[-1]])
         if grid.rank in (ranks[0], ranks[-1]):
             mine = group
     return mine

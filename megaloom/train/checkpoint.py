@@ -64,7 +64,7 @@ class Checkpointer:
         self.keep, self.async_save, self.rank = keep, async_save, rank
         self.group = None
         if dist.is_initialized():  # collective: every rank builds its Checkpointer at the same point
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))  # all ranks
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -312,7 +312,9 @@ def _write_single(out: Path, state: dict[str, Any], config_toml: str) -> None:
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), planner=PieceSavePlanner(), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), planner=PieceSavePlanner(), no_dist=True)
     (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
     files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
     manifest = {"format": FORMAT, "version": VERSION, "step": 0, "layout": {"weights_only": True}, "files": files}

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -135,14 +136,14 @@ class Trainer:
                     self.step += 1
                     eval_now = self.step == t.steps or (t.eval_every and self.step % t.eval_every == 0)
                     if self.step == 1 or self.step % cfg.log.every == 0 or eval_now:
-                        self.phase = "the loss reduction for the metrics row"
+                        self.phase = f"the loss reduction for the metrics row of step {self.step}"
                         loss = self.reduce_loss(torch.stack(self.pending).mean()).item()  # one host sync per row
                         now = time.perf_counter()
                         tokens = len(self.pending) * tokens_per_step
                         row = self.metrics_row(loss, result.grad_norm, tokens / (now - last_time))
                         self.pending = []
                         if eval_now:
-                            self.phase = "evaluation"
+                            self.phase = f"the evaluation after step {self.step}"
                             row["val_loss"] = final_val = self.evaluate()
                         if logger is not None:
                             logger.log(row)
@@ -172,7 +173,7 @@ class Trainer:
 
     def one_step(self):
         t = self.cfg.train
-        self.phase = "the training step (forward, backward, gradient reduction, update)"
+        self.phase = f"training step {self.step + 1} (forward, backward, gradient reduction, update)"
         set_lr(self.optimizer, lr_at(self.step, t))
         x, y = self.loader.next_batch()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -279,7 +280,7 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        self.phase = "a checkpoint save"
+        self.phase = f"the checkpoint save of step {self.step}"
         return self.checkpointer.save(self.step, self.checkpoint_state(), to_toml(self.cfg), self.layout())
 
     def resume(self) -> int | None:
@@ -399,13 +400,13 @@ class Trainer:
         """A failed collective (a dead or hung peer) as one line: which rank, doing what, who did not answer."""
         if self.grid.world_size == 1:
             return error
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        first = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0]) if text else type(error).__name__  # gloo's source path
         silent = self.checkpointer.unresponsive_ranks(timeout_s=min(30.0, self.cfg.parallel.timeout_s))
         who = f"rank(s) {silent} did not respond" if silent else "no peer identified"
         c = self.grid.coords
         return TrainingStopped(
-            f"rank {self.grid.rank} (tp_rank={c.tp}, dp_rank={c.dp}, pp_rank={c.pp}) failed in {self.phase} "
-            f"of step {self.step + 1}: "
+            f"rank {self.grid.rank} (tp_rank={c.tp}, dp_rank={c.dp}, pp_rank={c.pp}) failed in {self.phase}: "
             f"{first[:300]}; {who}. A peer probably died or hung (parallel.timeout_s = {self.cfg.parallel.timeout_s}); "
             f"relaunching resumes from the newest checkpoint")
 

@@ -7,7 +7,7 @@ import pytest
 from megaloom.cli import build_parser, main
 from megaloom.observe.metrics import read_metrics
 
-VERBS = [["train"], ["data", "prepare"], ["generate"], ["plot"], ["info"]]
+VERBS = [["train"], ["data", "prepare"], ["generate"], ["plot"], ["info"], ["convert"]]
 
 
 def corpus_args(corpus) -> list[str]:
@@ -69,7 +69,7 @@ def test_train_generate_plot(tiny_corpus, tmp_path, capsys):
     assert [r["step"] for r in rows if "val_loss" in r] == [8, 12]
     assert rows[-1]["loss"] < rows[0]["loss"]
     for name in ["config.toml", "metrics.jsonl", "loss.png", "tokenizer", "checkpoints/latest",
-                 "checkpoints/step_00000012/model.safetensors"]:
+                 "checkpoints/step_00000012/manifest.json", "checkpoints/step_00000012/.metadata"]:
         assert (run / name).exists(), name
     assert any((run / "tb").iterdir())
 
@@ -81,7 +81,7 @@ def test_train_generate_plot(tiny_corpus, tmp_path, capsys):
 
 def test_generate_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path)]) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert "holds no valid checkpoint" in capsys.readouterr().err
 
 
 def test_data_prepare_reuses_prepared_corpus(tiny_corpus, capsys):

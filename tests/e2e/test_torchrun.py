@@ -44,7 +44,7 @@ def test_torchrun_tensor_parallel_matches_single_process(tiny_corpus, tmp_path, 
     key = "tp_all_gather" if sp else "tp_all_reduce"
     assert tp[-1]["comm_bytes"][key] > 0
     assert (tmp_path / "tp" / "checkpoints" / "latest").is_file()
-    # the consolidated checkpoint loads into one process
+    # the sharded checkpoint loads into one process
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "tp"), "--prompt", "def ", "--max-new-tokens", "5"]) == 0
 
@@ -107,13 +107,15 @@ def test_torchrun_ptd_p_zero_matches_single_process(tiny_corpus, tmp_path, zero)
         assert set(b["memory"]) == {"params_gib", "grads_gib", "optimizer_gib", "activations_gib", "peak_gib"}
         assert b["comm_bytes"]["tp_all_reduce"] > 0
         assert ("dp_all_reduce" in b["comm_bytes"]) == (zero == 1)  # ZeRO-3's reduce-scatter is FSDP's own
-    # the checkpoint gathers every stage, tp shard and dp split back into the single-process weights.
+    # the sharded checkpoint, consolidated by `megaloom convert`, holds the single-process weights.
     # Tolerance: Adam's first steps move each weight by about lr·sign(g), so a 1e-8 rounding difference in
     # a near-zero gradient element can show as up to ~lr (3e-3) in that weight; 1e-4 is far below the
     # 1e-2-scale error a wrong gather or shard would make. (Parameters to 1e-5 after 10 steps are checked
     # in tests/distributed/test_data_parallel.py on a model where that holds.)
-    ours = load_file(str(tmp_path / "ptdp" / "checkpoints" / "step_00000003" / "model.safetensors"))
-    ref = load_file(str(tmp_path / "single" / "checkpoints" / "step_00000003" / "model.safetensors"))
+    for run in ("ptdp", "single"):
+        assert main(["convert", str(tmp_path / run), str(tmp_path / f"{run}.safetensors")]) == 0
+    ours = load_file(str(tmp_path / "ptdp.safetensors"))
+    ref = load_file(str(tmp_path / "single.safetensors"))
     assert sorted(ours) == sorted(ref)
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-4,
