@@ -164,6 +164,8 @@ class Trainer:
                 ckpt = self.save()
             self.checkpointer.wait()
         except RuntimeError as e:
+            if self.grid.world_size == 1 or not _communication_failure(e):
+                raise  # a bug, not a peer: the traceback is what helps
             raise self.peer_failure(e) from e
         if cfg.log.plot and self.main:
             plot_loss([self.run_dir], self.run_dir / "loss.png")
@@ -398,8 +400,6 @@ class Trainer:
 
     def peer_failure(self, error: RuntimeError) -> Exception:
         """A failed collective (a dead or hung peer) as one line: which rank, doing what, who did not answer."""
-        if self.grid.world_size == 1:
-            return error
         text = str(error).strip()
         first = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0]) if text else type(error).__name__  # gloo's source path
         silent = self.checkpointer.unresponsive_ranks(timeout_s=min(30.0, self.cfg.parallel.timeout_s))
@@ -441,6 +441,15 @@ class Trainer:
                        f"{t.precision}"),
             ("run dir", str(self.run_dir)),
         ]
+
+
+def _communication_failure(e: RuntimeError) -> bool:
+    """Whether an error came from torch.distributed's transport (gloo, NCCL) rather than from our code."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    markers = ("gloo", "Gloo", "NCCL", "Timed out", "timed out", "Connection closed", "Connection reset")
+    return any(m in text for m in markers)
 
 
 def _round_up(n: int, multiple: int) -> int:
