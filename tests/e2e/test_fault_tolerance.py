@@ -71,3 +71,20 @@ def test_hung_peer_is_named_instead_of_hanging(tiny_corpus, tmp_path):
     line = next(x for x in out.stderr.splitlines() if x.startswith("megaloom: error:"))
     assert "rank 0 (tp_rank=0, dp_rank=0, pp_rank=0) failed in" in line
     assert "Timed out" in line and "rank(s) [1] did not respond" in line
+
+
+def test_llama_interleaved_checkpoint_loads_on_one_process(tiny_corpus, tmp_path):
+    """Grouped-query QKV (blocks of unequal size) and gate/up shards, interleaved chunks: to (1, 1, 1)."""
+    common = ["--set", "model.family=\"llama\"", "--set", "model.kv_heads=2", "--set", "train.steps=5",
+              "--set", "checkpoint.every=3", "--set", "checkpoint.keep=3"]
+    ref = _torchrun(tiny_corpus, 4, *common, *_layout(2, 2, 1), "--set", "parallel.chunks=2",
+                    "--set", "parallel.schedule=\"interleaved\"", "--run-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    source = tmp_path / "ref" / "checkpoints" / "step_00000003"
+    one = _torchrun(tiny_corpus, 1, *common, "--set", f"checkpoint.load={str(source)!r}", "--run-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref")}
+    rows = read_metrics(tmp_path / "one")
+    assert [r["step"] for r in rows] == [4, 5]
+    for r in rows:
+        assert r["loss"] == pytest.approx(expected[r["step"]], rel=1e-5, abs=1e-5)
