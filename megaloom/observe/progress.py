@@ -35,7 +35,7 @@ class Console:
         self.rich = RichConsole(file=sys.stdout, quiet=quiet, highlight=False)
 
     def print(self, *args: object) -> None:
-        self.rich.print(*args)
+        self.rich.print(*args, soft_wrap=True)  # one message, one line in a log file, however long
 
     def header(self, items: list[tuple[str, str]]) -> None:
         for key, value in items:

@@ -164,8 +164,19 @@ def _step_dirs(root: Path) -> list[Path]:
     return [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
 
 
-def verify(ckpt: Path) -> str | None:
-    """None when every file the manifest lists is there with its size and SHA-256; else why not."""
+def verify(ckpt: Path, share: tuple[int, int] = (0, 1), gather=None) -> str | None:
+    """None when every file the manifest lists is there with its size and SHA-256; else why not.
+
+    Hashing a large checkpoint is the slow part of a restart, so it is shared: with `share` =
+    (rank, world) a process hashes every world-th file, and `gather` (an all-gather of one object per
+    rank) combines the findings, so every rank returns the same answer."""
+    problem = _check_files(ckpt, *share)
+    if gather is not None:
+        problem = next((p for p in gather(problem) if p is not None), None)
+    return problem
+
+
+def _check_files(ckpt: Path, rank: int, world: int) -> str | None:
     path = ckpt / MANIFEST
     if not path.is_file():
         return "no manifest.json (an interrupted save)"
@@ -176,26 +187,27 @@ def verify(ckpt: Path) -> str | None:
         return f"unreadable manifest.json ({e})"
     if manifest.get("format") != FORMAT:
         return f"manifest.json is not a {FORMAT} manifest"
-    for name, rec in sorted(files.items()):
+    for i, (name, rec) in enumerate(sorted(files.items())):
         f = ckpt / name
         if not f.is_file():
             return f"{name} is missing"
         size = f.stat().st_size
         if size != rec["bytes"]:
             return f"{name} has {size} bytes, the manifest says {rec['bytes']} (truncated?)"
-        if _sha256(f) != rec["sha256"]:
+        if i % world == rank and _sha256(f) != rec["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest (corrupted)"
     return None
 
 
-def find_checkpoint(path: Path, report=None) -> Path | None:
+def find_checkpoint(path: Path, report=None, share: tuple[int, int] = (0, 1), gather=None) -> Path | None:
     """The newest valid checkpoint of a run directory (or `path` itself, if it is a valid checkpoint);
-    None when there is none. Invalid ones are reported through `report`, one line each, and skipped."""
+    None when there is none. Invalid ones are reported through `report`, one line each, and skipped.
+    `share` and `gather` split the verification over the ranks (see `verify`)."""
     path = Path(path)
     candidates = [path] if (path / MANIFEST).exists() or (path / ".metadata").exists() else \
         sorted(_step_dirs(path / CKPT_DIR), key=lambda p: int(p.name[5:]), reverse=True)
     for ckpt in candidates:
-        problem = verify(ckpt)
+        problem = verify(ckpt, share, gather)
         if problem is None:
             return ckpt
         if report is not None:

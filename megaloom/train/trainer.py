@@ -341,24 +341,25 @@ class Trainer:
         return self.step
 
     def _choose_checkpoint(self) -> Path | None:
-        """Rank 0 verifies the candidates (manifest sizes and checksums) and tells the others."""
-        choice: list = [None]
-        if self.main:
-            say = lambda msg: self.console.print(f"    {msg}")  # noqa: E731
-            ckpt = find_checkpoint(self.run_dir, report=say)
-            if ckpt is None and self.cfg.checkpoint.load:
-                source = Path(self.cfg.checkpoint.load)
-                if not source.exists():
-                    raise CheckpointError(f"checkpoint.load = '{source}' does not exist; pass a checkpoint or run "
-                                          "directory")
-                ckpt = find_checkpoint(source, report=say)
-                if ckpt is None:
-                    raise CheckpointError(f"checkpoint.load = '{source}' holds no valid checkpoint; pass a "
-                                          "checkpoint directory with manifest.json or a run directory that saved one")
-            choice = [str(ckpt) if ckpt else None]
-        if self.grid.world_size > 1:
-            torch.distributed.broadcast_object_list(choice, src=0, group=self.checkpointer.group)
-        return Path(choice[0]) if choice[0] else None
+        """Every rank verifies its share of the candidates' files (sizes and checksums against the
+        manifest); all agree on the newest valid one. The run directory's own comes first."""
+        say = (lambda msg: self.console.print(f"    {msg}")) if self.main else None  # noqa: E731
+        share, gather = (self.grid.rank, self.grid.world_size), None
+        if self.checkpointer.group is not None:
+            def gather(obj):
+                parts: list = [None] * self.grid.world_size
+                torch.distributed.all_gather_object(parts, obj, group=self.checkpointer.group)
+                return parts
+        ckpt = find_checkpoint(self.run_dir, report=say, share=share, gather=gather)
+        if ckpt is None and self.cfg.checkpoint.load:
+            source = Path(self.cfg.checkpoint.load)
+            if not source.exists():
+                raise CheckpointError(f"checkpoint.load = '{source}' does not exist; pass a checkpoint or run directory")
+            ckpt = find_checkpoint(source, report=say, share=share, gather=gather)
+            if ckpt is None:
+                raise CheckpointError(f"checkpoint.load = '{source}' holds no valid checkpoint; pass a checkpoint "
+                                      "directory with manifest.json or a run directory that saved one")
+        return ckpt
 
     def _truncate_metrics(self, step: int) -> None:
         """Rows after the resumed step came from work that is redone: drop them, so every step has one row."""
