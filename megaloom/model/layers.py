@@ -145,7 +145,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.drop = LayoutDropout(cfg.dropout, f"layers.{layer}.drop")
+        self.drop = LayoutDropout(cfg.dropout, f"layers.{layer}.drop", uses=2)  # after attention and after the MLP
         self.recompute = False  # full recomputation: keep only the input; set by `set_recompute`
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megaloom.config import Config, ConfigError
 from megaloom.model import build_model
+from megaloom.model.dropout import LayoutDropout
 from megaloom.model.init import init_model
 from megaloom.model.recompute import set_recompute
 from megaloom.model.transformer import Transformer
@@ -122,6 +123,10 @@ def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Trai
             pipe.tied = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None]
             pipe.tied_copy = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None and not ch.first]
     set_recompute(model, cfg.train.recompute)
+    per_replica = cfg.train.global_batch // (cfg.train.micro_batch * grid.dp)
+    for m in model.modules():  # dropout masks follow the global micro-batch, whichever replica runs it
+        if isinstance(m, LayoutDropout):
+            m.set_replica(grid.dp_rank, grid.dp, per_replica)
     params = [p for p in model.parameters() if p.requires_grad]
     buffer = None
     if (grid.dp > 1 or cfg.parallel.zero == 1) and fsdp is None:

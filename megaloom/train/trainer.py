@@ -274,10 +274,9 @@ class Trainer:
             "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "pending_losses": pending,  # the next metrics row averages over steps from before the save too
         }
-        state[f"rank/{self.grid.rank:05d}"] = {  # this rank's own streams
+        state[f"rank/{self.grid.rank:05d}"] = {  # this rank's own random streams
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "dropout": {m.key: m.calls for m in self.model.modules() if isinstance(m, LayoutDropout)},
         }
         return state
 
@@ -301,7 +300,9 @@ class Trainer:
             init_optimizer_state(self.optimizer)
             state.update(optimizer_entries(self.model, self.optimizer)[0])
             state["train"] = None
-            state.update({k: None for k in saved if k.startswith("rank/")})
+            mine = f"rank/{self.grid.rank:05d}"
+            if mine in saved:
+                state[mine] = None
         with torch.no_grad():
             objects = load(ckpt, state, self.checkpointer.group)
         if not full:
@@ -324,16 +325,9 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-        calls: dict[str, int] = {}
-        for key, obj in objects.items():
-            if key.startswith("rank/"):
-                for name, n in obj["dropout"].items():
-                    calls[name] = max(n, calls.get(name, 0))
-        if same_layout and mine is not None:
-            calls.update(mine["dropout"])
-        for m in self.model.modules():
-            if isinstance(m, LayoutDropout) and m.key in calls:
-                m.calls = calls[m.key]
+        for m in self.model.modules():  # every training step ran each dropout site once per micro-batch
+            if isinstance(m, LayoutDropout):
+                m.calls = self.step * m.per_replica * m.uses
         self._truncate_metrics(self.step)
         where = "resumed" if ckpt.parent.parent.resolve() == self.run_dir.resolve() else "loaded"
         self.console.print(f"    {where} {ckpt} at step {self.step}"
