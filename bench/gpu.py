@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.activations import per_layer_bytes
-from bench.reference import GPTConfig, ReferenceTrainer
+from bench.reference import GPTConfig, ReferenceTrainer, plain_step
 from megaloom.config import Config, ModelConfig, TrainConfig
 from megaloom.model import build_model
 from megaloom.model.recompute import set_recompute
@@ -101,13 +101,7 @@ class MegaloomRun:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.wrappers:
             return train_step(self.forward, self.optimizer, [(x, y)], precision="bf16", grad_clip=1.0, sync=self.sync).loss
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            loss = self.forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return plain_step(self.model, self.forward, self.optimizer, x, y, torch.bfloat16)
 
 
 def reference_run(shape: Shape, device: torch.device, compile: bool) -> ReferenceTrainer:

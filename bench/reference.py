@@ -109,10 +109,17 @@ class ReferenceTrainer:
         self.device, self.precision = device, precision
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.precision):
-            loss = self.forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return plain_step(self.model, self.forward, self.optimizer, x, y, self.precision)
+
+
+def plain_step(model: nn.Module, forward, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The nanoGPT training step: autocast forward, backward, clip at 1.0, step, zero the gradients.
+    bench/gpu.py steps megaloom's bare model with this same function, for the wrapper cost."""
+    with torch.autocast(x.device.type, dtype=dtype):
+        loss = forward(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

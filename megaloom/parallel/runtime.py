@@ -42,25 +42,25 @@ def start(cfg: Config, env: LaunchEnv) -> tuple[ProcessGrid, torch.device]:
     p = cfg.parallel
     validate_sizes(p.tp, p.pp, p.dp, env.world_size, cfg.model)  # before any process group exists
     device = _device(cfg.train.device, env)
+    timeout = timedelta(seconds=p.timeout_s)
     if env.world_size > 1 and not dist.is_initialized():
         backend = p.backend if p.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl" and device.type != "cuda":
             raise ConfigError("parallel.backend = \"nccl\" needs GPUs; use \"gloo\" or \"auto\" on CPUs")
         # a dead or hung peer makes the waiting collective fail after parallel.timeout_s instead of never
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, store=_restart_store(env, p),
-                                timeout=timedelta(seconds=p.timeout_s))
-    set_group_timeout(timedelta(seconds=p.timeout_s))
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                store=_restart_store(env, timeout), timeout=timeout)
+    set_group_timeout(timeout)
     return ProcessGrid.from_config(p, cfg.model, rank=env.rank, world_size=env.world_size), device
 
 
-def _restart_store(env: LaunchEnv, p) -> dist.Store | None:
+def _restart_store(env: LaunchEnv, timeout: timedelta) -> dist.Store | None:
     """After a torchrun restart the agent's store still holds the dead attempt's addresses, and gloo
     connects to them (torch 2.13: "Connection refused" in connectFullMesh). A prefix per attempt keeps
     each attempt's keys apart. None (torch's own env:// rendezvous) on the first attempt."""
     if env.restart == 0 or not env.agent_store or not env.master_addr:
         return None
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
-                          timeout=timedelta(seconds=p.timeout_s))
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
     return dist.PrefixStore(f"megaloom/attempt_{env.restart}", store)
 
 

@@ -19,6 +19,7 @@ saved at one (t, p, d, ZeRO) loads at any other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,51 +98,21 @@ class Checkpointer:
             self._error = e
 
     def _write(self, step: int, state: dict[str, Any], config_toml: str, layout: dict[str, Any]) -> None:
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".tmp-step_{step:08d}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):  # left by a crash during an earlier save
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        self._barrier()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), planner=PieceSavePlanner(),
-                     process_group=self.group, no_dist=self.group is None)
-        mine = {f.name: _file_record(f) for f in sorted(tmp.glob(f"__{self.rank}_*"))}
-        files = self._gather(mine)
+        final = self.root / f"step_{step:08d}"
+        write_directory(final, state, config_toml, step, layout, self.rank, self.group)
         if self.rank == 0:
-            (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
-            for name in (".metadata", "config.toml"):
-                _fsync(tmp / name)
-                files[name] = _file_record(tmp / name)
-            manifest = {"format": FORMAT, "version": VERSION, "step": step, "layout": layout, "files": files}
-            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            _fsync(tmp)
-            if final.exists():  # saving the same step again: the old copy goes only once the new one is in place
-                old = self.root / f".tmp-old-{final.name}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync(self.root)
             _write_atomic(self.root / "latest", final.name + "\n")
             for stale in sorted(_step_dirs(self.root))[:-self.keep] if self.keep > 0 else []:
                 shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
+        _barrier(self.group)
 
-    def _gather(self, mine: dict) -> dict:
-        if self.group is None:
-            return dict(mine)
-        parts: list[dict] = [{} for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather_object(parts, mine, group=self.group)
-        return {name: rec for part in parts for name, rec in part.items()}
-
-    def _barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (over the checkpoint group)."""
+        return all_gather(obj, self.group)
 
     def unresponsive_ranks(self, timeout_s: float) -> list[int]:
         """After a failed collective: the ranks that do not answer a monitored barrier on the checkpoint
@@ -155,6 +126,62 @@ class Checkpointer:
             if found:
                 return [int(r) for r in found.group(1).replace(",", " ").split()]
         return []
+
+
+def write_directory(final: Path, state: dict[str, Any], config_toml: str, step: int, layout: dict[str, Any],
+                    rank: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Write `state` as checkpoint directory `final`, atomically. Collective over `group`.
+
+    Files go to `.tmp-<name>` beside it; every rank hashes the files it wrote, rank 0 adds the
+    manifest, fsyncs and renames. An existing `final` is moved aside only once the new one is complete."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(group)
+    with _single_process_quiet():
+        dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), planner=PieceSavePlanner(),
+                 process_group=group, no_dist=group is None)
+    mine = {f.name: _file_record(f) for f in sorted(tmp.glob(f"__{rank}_*"))}
+    files = {name: rec for part in all_gather(mine, group) for name, rec in part.items()}
+    if rank == 0:
+        (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
+        for name in (".metadata", "config.toml"):
+            _fsync(tmp / name)
+            files[name] = _file_record(tmp / name)
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "layout": layout, "files": files}
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _fsync(tmp)
+        if final.exists():  # saving the same step again: the old copy goes only once the new one is in place
+            old = final.with_name(f".tmp-old-{final.name}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(final.parent)
+
+
+def all_gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    """Every rank's `obj` in rank order; [obj] in a single process."""
+    if group is None:
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
+
+
+def _barrier(group: dist.ProcessGroup | None) -> None:
+    if group is not None:
+        dist.barrier(group=group)
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it runs without torch.distributed; in one process that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 # --------------------------------------------------------------------------- finding and verifying
@@ -241,8 +268,7 @@ def load(ckpt: Path, state: dict[str, Any], group: dist.ProcessGroup | None = No
     """Fill the pieces of `state` in place from `ckpt` and return its objects (the keys of `state`
     whose value is not Sharded). Collective over `group` when one is given."""
     planner = PieceLoadPlanner()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    with _single_process_quiet():
         dcp.load(state, storage_reader=FileSystemReader(ckpt), planner=planner, process_group=group,
                  no_dist=group is None)
     return planner.objects
@@ -252,11 +278,7 @@ def check_model_keys(ckpt: Path, wanted: dict[str, Sharded], group: dist.Process
     """One clear error when the checkpoint holds another model than the one built from the config.
     Under pipelining each rank holds some layers: the union over `group` must be the saved set."""
     saved = {k: v for k, v in saved_keys(ckpt).items() if k.startswith("model/")}
-    everywhere = set(wanted)
-    if group is not None:
-        parts: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, sorted(wanted), group=group)
-        everywhere = {k for part in parts for k in part}
+    everywhere = {k for part in all_gather(sorted(wanted), group) for k in part}
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - everywhere)
     if missing or extra:
@@ -315,25 +337,8 @@ def import_safetensors(src: Path, out: Path, config_toml: str = "") -> int:
 
     tensors = load_file(str(src))
     state = {f"model/{k}": Sharded(tuple(v.shape), [Piece(v, (0,) * v.dim())]) for k, v in tensors.items()}
-    _write_single(Path(out), state, config_toml)
+    write_directory(Path(out), state, config_toml, step=0, layout={"weights_only": True})
     return len(tensors)
-
-
-def _write_single(out: Path, state: dict[str, Any], config_toml: str) -> None:
-    """One-process save of `state` into directory `out`, atomically, with a manifest."""
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), planner=PieceSavePlanner(), no_dist=True)
-    (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
-    files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
-    manifest = {"format": FORMAT, "version": VERSION, "step": 0, "layout": {"weights_only": True}, "files": files}
-    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 # ------------------------------------------------------------------------------------------ helpers

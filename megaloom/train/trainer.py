@@ -103,6 +103,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.pending: list[torch.Tensor] = []  # losses of the steps since the last metrics row
         self.phase = "start-up"  # what the run is doing, for the error when a peer fails
+        self.own_checkpoint: Path | None = None  # the newest checkpoint in this run directory (resumed or saved)
         self.checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, grid.rank,
                                          timeout_s=cfg.parallel.timeout_s)
 
@@ -121,7 +122,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.prepare_run_dir()
         self.console.header(self.describe())
-        resumed = self.resume()
+        self.resume()
+        done_before = self.step >= t.steps  # a resumed run that had already finished
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard) if self.main else None
         tokens_per_step = t.global_batch * cfg.model.seq_len
         first_loss = final_loss = final_val = math.nan
@@ -157,9 +159,9 @@ class Trainer:
                         self.save()
             if logger is not None:
                 logger.close()
-            if resumed is not None and self.step == resumed and self.step >= t.steps:
+            if done_before:
                 self.console.print(f"    run already complete at step {self.step}; raise train.steps to continue")
-                ckpt = find_checkpoint(self.run_dir)
+                ckpt = self.own_checkpoint
             else:
                 ckpt = self.save()
             self.checkpointer.wait()
@@ -188,7 +190,8 @@ class Trainer:
             self.consecutive_skips += 1
             if self.consecutive_skips >= t.max_consecutive_skips:
                 first = self.step + 2 - self.consecutive_skips
-                kept = find_checkpoint(self.run_dir)
+                self.checkpointer.wait()  # a save in the background is complete before it is named
+                kept = self.own_checkpoint
                 kept = f"checkpoint {kept} is from before the fault" if kept else "no checkpoint was saved"
                 raise TrainingStopped(
                     f"steps {first}-{self.step + 1} had non-finite loss or gradients "
@@ -282,16 +285,18 @@ class Trainer:
 
     def save(self) -> Path:
         self.phase = f"the checkpoint save of step {self.step}"
-        return self.checkpointer.save(self.step, self.checkpoint_state(), to_toml(self.cfg), self.layout())
+        self.own_checkpoint = self.checkpointer.save(self.step, self.checkpoint_state(), to_toml(self.cfg),
+                                                     self.layout())
+        return self.own_checkpoint
 
-    def resume(self) -> int | None:
+    def resume(self) -> None:
         """Continue from the run directory's newest valid checkpoint, else from checkpoint.load, else
-        start fresh. Returns the step resumed at (None for a fresh start)."""
+        start fresh."""
         self.phase = "loading a checkpoint"
         ckpt = self._choose_checkpoint()
         if ckpt is None:
             self._truncate_metrics(0)
-            return None
+            return
         state = model_entries(self.model)
         check_model_keys(ckpt, state, self.checkpointer.group)
         saved = saved_keys(ckpt)
@@ -308,7 +313,7 @@ class Trainer:
         if not full:
             self.console.print(f"    loaded the weights of {ckpt} (no optimizer state: starting at step 0)")
             self._truncate_metrics(0)
-            return None
+            return
         train = objects["train"]
         self.step, self.skipped = int(train["step"]), int(train["skipped"])
         set_optimizer_step(self.optimizer, train["adam_step"])
@@ -329,21 +334,16 @@ class Trainer:
             if isinstance(m, LayoutDropout):
                 m.calls = self.step * m.per_replica * m.uses
         self._truncate_metrics(self.step)
-        where = "resumed" if ckpt.parent.parent.resolve() == self.run_dir.resolve() else "loaded"
-        self.console.print(f"    {where} {ckpt} at step {self.step}"
+        own = ckpt.parent.parent.resolve() == self.run_dir.resolve()
+        self.own_checkpoint = ckpt if own else None
+        self.console.print(f"    {'resumed' if own else 'loaded'} {ckpt} at step {self.step}"
                            f"{'' if same_layout else ' (saved in another layout: resharded)'}")
-        return self.step
 
     def _choose_checkpoint(self) -> Path | None:
         """Every rank verifies its share of the candidates' files (sizes and checksums against the
         manifest); all agree on the newest valid one. The run directory's own comes first."""
         say = (lambda msg: self.console.print(f"    {msg}")) if self.main else None  # noqa: E731
-        share, gather = (self.grid.rank, self.grid.world_size), None
-        if self.checkpointer.group is not None:
-            def gather(obj):
-                parts: list = [None] * self.grid.world_size
-                torch.distributed.all_gather_object(parts, obj, group=self.checkpointer.group)
-                return parts
+        share, gather = (self.grid.rank, self.grid.world_size), self.checkpointer.gather
         ckpt = find_checkpoint(self.run_dir, report=say, share=share, gather=gather)
         if ckpt is None and self.cfg.checkpoint.load:
             source = Path(self.cfg.checkpoint.load)

@@ -219,3 +219,17 @@ def test_fault_keys_are_validated(capsys):
     assert "faults.kill_rank = 3 is not a rank of this run (0..0)" in capsys.readouterr().err
     assert main(["info", "--set", "faults.nonfinite_steps=2"]) == 2
     assert "needs faults.at_step" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_changes_nothing(tiny_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(tiny_corpus, run, "train.steps=2") == 0
+    ckpt = ck.find_checkpoint(run)
+    stamp = (ckpt / "manifest.json").stat().st_mtime_ns
+    rows = read_metrics(run)
+    capsys.readouterr()
+    assert _train(tiny_corpus, run, "train.steps=2") == 0
+    out = capsys.readouterr().out
+    assert "run already complete at step 2" in out and str(ckpt) in out
+    assert (ckpt / "manifest.json").stat().st_mtime_ns == stamp  # not saved again
+    assert read_metrics(run) == rows
