@@ -96,7 +96,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from megaloom.model.pretrained import generate_text
+    from megaloom.train.restore import generate_text
 
     texts = generate_text(Path(args.checkpoint), args.prompt, num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

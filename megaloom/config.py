@@ -21,9 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A one-line, user-facing configuration error."""
+from megaloom.errors import ConfigError
+from megaloom.layout import LayoutSpec, check_layout
 
 
 def _f(default: Any, help: str) -> Any:
@@ -320,11 +319,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr = {t.lr} must be in (0, 1); typical values are 1e-4 .. 3e-3")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
-    per_step = t.micro_batch * p.dp
-    if t.global_batch % per_step:
-        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) "
-                          f"x parallel.dp ({p.dp}) = {per_step}; "
-                          f"try train.global_batch={per_step * max(1, t.global_batch // per_step)}")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
     if d.tokenizer == "bpe" and d.vocab_size > m.vocab_size:
@@ -340,19 +334,7 @@ def validate(cfg: Config) -> None:
     if p.powersgd_rank < 0 or (p.powersgd_rank and p.zero >= 2):
         raise ConfigError(f"parallel.powersgd_rank = {p.powersgd_rank} needs parallel.zero 0 or 1 (got {p.zero}) "
                           "and must not be negative; FSDP's reduce-scatter (ZeRO-2/3) is not compressed")
-    if p.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero = {p.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
-    if p.pp > 1 or p.chunks > 1:  # the schedule and the layer split, checked before anything is built
-        from megaloom.parallel.pipeline import stage_layers
-        from megaloom.parallel.schedules import check_schedule
-
-        check_schedule(p.schedule, p.pp, t.global_batch // (t.micro_batch * p.dp), p.chunks)
-        stage_layers(m.layers, p.pp, p.chunks, p.layers_per_stage or None)
-    elif p.layers_per_stage:
-        raise ConfigError(f"parallel.layers_per_stage = {p.layers_per_stage} needs parallel.pp > 1")
-    if p.sequence_parallel and m.seq_len % p.tp:
-        raise ConfigError(f"parallel.sequence_parallel splits model.seq_len ({m.seq_len}) over parallel.tp ({p.tp}); "
-                          f"make model.seq_len a multiple of {p.tp}")
+    check_layout(m, layout_spec(cfg))  # the same check as `megaloom simulate` and `megaloom plan`
     world = p.tp * p.pp * p.dp
     for key in ("faults.kill_rank", "faults.hang_rank"):
         rank = get_value(cfg, key)
@@ -365,6 +347,14 @@ def validate(cfg: Config) -> None:
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device = {dev!r} is not auto, cpu, cuda or cuda:N")
+
+
+def layout_spec(cfg: Config) -> LayoutSpec:
+    """The config's layout, as `megaloom.layout` and the planner state it."""
+    p, t = cfg.parallel, cfg.train
+    return LayoutSpec(tp=p.tp, pp=p.pp, dp=p.dp, chunks=p.chunks, microbatch=t.micro_batch, global_batch=t.global_batch,
+                      zero=p.zero, schedule=p.schedule, sequence_parallel=p.sequence_parallel,
+                      layers_per_stage=tuple(p.layers_per_stage))
 
 
 def _positive(cfg: Config, *keys: str) -> None:

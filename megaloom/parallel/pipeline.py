@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaloom.layout import stage_layers
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.schedules import Action, Op, Schedule, lower, virtual_stage
-from megaloom.train.precision import autocast
+from megaloom.precision import autocast
 
 
 @dataclass
@@ -197,30 +198,6 @@ class PipelineRunner:
                                      self.link.tp.size)
             buf = torch.cat(parts)
         return buf.view(self.act_shape).detach()
-
-
-def stage_layers(layers: int, pp: int, chunks: int, layers_per_stage: list[int] | None = None) -> list[range]:
-    """Global layer ids of each virtual stage (stage s = chunk·pp + rank, as in the paper's Figure 4)."""
-    from megaloom.config import ConfigError
-
-    n = pp * chunks
-    if layers_per_stage:
-        if len(layers_per_stage) != n or sum(layers_per_stage) != layers or min(layers_per_stage) < 1:
-            raise ConfigError(f"parallel.layers_per_stage = {layers_per_stage} must have parallel.pp x parallel.chunks = "
-                              f"{n} positive entries summing to model.layers ({layers})")
-        sizes = layers_per_stage
-    elif layers < n:
-        raise ConfigError(f"model.layers ({layers}) is smaller than parallel.pp x parallel.chunks ({n}); every stage "
-                          "needs at least one layer: lower parallel.pp or parallel.chunks")
-    elif layers % n:
-        even = [layers // n + (1 if i < layers % n else 0) for i in range(n)]
-        hint = f"set parallel.layers_per_stage = {even}" if n <= 64 else "set parallel.layers_per_stage"
-        raise ConfigError(f"model.layers ({layers}) is not divisible by parallel.pp x parallel.chunks ({n}); "
-                          f"{hint} or change the sizes")
-    else:
-        sizes = [layers // n] * n
-    starts = [sum(sizes[:i]) for i in range(n)]
-    return [range(s, s + k) for s, k in zip(starts, sizes)]
 
 
 def rank_chunk_layers(pp_rank: int, pp: int, chunks: int, stages: list[range]) -> list[range]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from megaloom.config import ConfigError
+from megaloom.layout import ScheduleKind, check_schedule
 
 
 class Op(enum.Enum):
@@ -85,13 +85,6 @@ class Schedule:
 
     def __str__(self) -> str:
         return "\n".join(f"rank {r}: " + " ".join(map(str, acts)) for r, acts in enumerate(self.actions))
-
-
-class ScheduleKind(enum.Enum):
-    GPIPE = "gpipe"
-    ONE_F_ONE_B = "1f1b"
-    INTERLEAVED = "interleaved"
-    ZB_H1 = "zb-h1"
 
 
 class ScheduleError(ValueError):
@@ -203,9 +196,6 @@ def zero_bubble_h1(p: int, m: int) -> Schedule:
     return Schedule(ScheduleKind.ZB_H1.value, p, m, 1, tuple(ranks))
 
 
-_MICROBATCHES = "microbatches = train.global_batch / (train.micro_batch * parallel.dp)"
-
-
 def build_schedule(kind: ScheduleKind | str, p: int, m: int, v: int = 1) -> Schedule:
     """The schedule for a config, with one-line errors naming the config keys and their values.
 
@@ -219,31 +209,6 @@ def build_schedule(kind: ScheduleKind | str, p: int, m: int, v: int = 1) -> Sche
     if kind is ScheduleKind.INTERLEAVED:
         return interleaved_1f1b(p, m, v)
     return zero_bubble_h1(p, m)
-
-
-def check_schedule(kind: ScheduleKind | str, p: int, m: int, v: int = 1) -> ScheduleKind:
-    """The arithmetic checks of `build_schedule`, without building anything (config validation)."""
-    if not isinstance(kind, ScheduleKind):
-        try:
-            kind = ScheduleKind(kind)
-        except ValueError:
-            names = ", ".join(k.value for k in ScheduleKind)
-            raise ConfigError(f"parallel.schedule = {kind!r} is not a schedule; choose one of {names}") from None
-    if p < 1:
-        raise ConfigError(f"parallel.pp ({p}) must be >= 1")
-    if m < 1:
-        raise ConfigError(f"microbatches ({m}) must be >= 1; {_MICROBATCHES}")
-    if v < 1:
-        raise ConfigError(f"parallel.chunks ({v}) must be >= 1")
-    if v > 1 and kind is not ScheduleKind.INTERLEAVED:
-        raise ConfigError(f'parallel.chunks ({v}) > 1 needs parallel.schedule = "interleaved" '
-                          f'(got "{kind.value}"); set parallel.chunks = 1 or switch the schedule')
-    if kind is ScheduleKind.INTERLEAVED and v > 1 and m % p:
-        hint = (m // p + 1) * p
-        raise ConfigError(f'parallel.schedule = "interleaved" needs microbatches ({m}) to be a multiple of '
-                          f"parallel.pp ({p}); {_MICROBATCHES}, so change train.global_batch or "
-                          f"train.micro_batch (e.g. to get {hint} microbatches)")
-    return kind
 
 
 # ---------------------------------------------------------------- lowering

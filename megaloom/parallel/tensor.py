@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megaloom.model.init import ShardSpec
+from megaloom.parallel.shard import ShardSpec
 from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, enter_tp, leave_tp, local
 
 

@@ -104,8 +104,11 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.gpus % (args.tp * args.pp):
         raise ConfigError(f"--gpus ({args.gpus}) must be a multiple of --tp x --pp ({args.tp} x {args.pp} = "
                           f"{args.tp * args.pp}), since d = gpus / (tp·pp)")
+    split = tuple(load_config(args.config).parallel.layers_per_stage) if args.config else ()
+    if len(split) != args.pp * args.chunks:  # the file's uneven split is for its own pp x chunks
+        split = ()
     layout = Layout(args.tp, args.pp, args.gpus // (args.tp * args.pp), args.microbatch, args.chunks, args.recompute,
-                    args.zero, args.sequence_parallel, args.schedule or "")
+                    args.zero, args.sequence_parallel, args.schedule or "", split)
     sim = simulate_job(Job(model, cluster, args.gpus, batch, layout, recipe))
     report = sim.report()
     if args.timeline:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from megaloom.config import ConfigError, ModelConfig
-from megaloom.parallel.schedules import ScheduleKind
+from megaloom.layout import FLAG_NAMES, LayoutSpec, ScheduleKind, check_layout
 from megaloom.perf import flops, memory
 from megaloom.perf.cluster import Cluster
 from megaloom.perf.collectives import Collective, collective_seconds
@@ -101,6 +101,7 @@ class Layout:
     zero: int = 0
     sequence_parallel: bool = False
     schedule: str = ""  # empty: "interleaved" when chunks > 1, else "1f1b"
+    layers_per_stage: tuple[int, ...] = ()  # empty: model.layers / (pp·chunks) each (parallel.layers_per_stage)
 
     @property
     def schedule_kind(self) -> ScheduleKind:
@@ -144,36 +145,12 @@ def check_job(model: ModelConfig, gpus: int, global_batch: int, lay: Layout, clu
                           f"since d = gpus / (tp·pp); change --gpus, --tp or --pp")
     if lay.dp != gpus // (t * p):
         raise ConfigError(f"dp ({lay.dp}) must be --gpus / (--tp x --pp) = {gpus // (t * p)}")
-    if model.heads % t:
-        raise ConfigError(f"--tp ({t}) must divide the attention heads ({model.heads}); "
-                          f"try --tp {max(x for x in range(1, t) if model.heads % x == 0)}")
-    if model.n_kv_heads % t:
-        raise ConfigError(f"--tp ({t}) must divide the key/value heads ({model.n_kv_heads}); choose a divisor")
-    if model.layers % (p * v):
-        raise ConfigError(f"--pp x --chunks ({p} x {v}) must divide the layers ({model.layers}) "
-                          f"so every model chunk gets the same number of layers")
-    if global_batch % (lay.microbatch * lay.dp):
-        raise ConfigError(f"--global-batch ({global_batch}) must be a multiple of --microbatch x dp "
-                          f"({lay.microbatch} x {lay.dp} = {lay.microbatch * lay.dp})")
-    m = global_batch // (lay.microbatch * lay.dp)
-    if v > 1 and m % p:
-        raise ConfigError(f"--chunks {v} (interleaved) needs the microbatches per pipeline (--global-batch / "
-                          f"(--microbatch x dp) = {m}) to be a multiple of --pp ({p})")
     if lay.recompute not in RECOMPUTE:
         raise ConfigError(f"--recompute {lay.recompute!r}: choose none, selective or full")
-    if lay.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"--zero {lay.zero}: choose 0, 1, 2 or 3")
-    if lay.zero >= 2 and p > 1:
-        raise ConfigError(f"--zero {lay.zero} shards the gradients the pipeline accumulates over microbatches; "
-                          f"with --pp {p} use --zero 0 or 1")
-    if lay.sequence_parallel and t == 1:
-        raise ConfigError("--sequence-parallel splits the sequence over the tensor-parallel ranks; it needs --tp > 1")
-    if lay.sequence_parallel and model.seq_len % t:
-        raise ConfigError(f"--sequence-parallel needs --seq ({model.seq_len}) to be a multiple of --tp ({t})")
-    if lay.schedule and lay.schedule not in {k.value for k in ScheduleKind}:
-        raise ConfigError(f"--schedule {lay.schedule!r}: choose one of {', '.join(k.value for k in ScheduleKind)}")
-    if v > 1 and lay.schedule_kind is not ScheduleKind.INTERLEAVED:
-        raise ConfigError(f"--chunks {v} needs the interleaved schedule (got {lay.schedule_kind.value})")
+    # the rest is the runtime's own check (megaloom/layout.py), so both accept and refuse the same layouts
+    check_layout(model, LayoutSpec(tp=t, pp=p, dp=lay.dp, chunks=v, microbatch=lay.microbatch, global_batch=global_batch,
+                                   zero=lay.zero, schedule=lay.schedule, sequence_parallel=lay.sequence_parallel,
+                                   layers_per_stage=lay.layers_per_stage), FLAG_NAMES)
 
 
 # ---------------------------------------------------------------- time
@@ -275,12 +252,23 @@ class StageCosts:
         comm = 3 * self._allreduce(tokens * 4) if lay.tp > 1 else 0.0  # max, sum of exps, target logit
         return PassTime(fwd + loss * 0.6 + comm, dgrad + loss * 0.4, wgrad, comm, 0.0)
 
+    def stage_layers(self, stage: int) -> int:
+        """Layers of virtual stage `stage`: parallel.layers_per_stage's entry, or an even split."""
+        lay = self.job.layout
+        if lay.layers_per_stage:
+            return lay.layers_per_stage[stage]
+        return self.job.model.layers // (lay.pp * lay.chunks)
+
+    def rank_layers(self, rank: int) -> list[int]:
+        """Layers of each model chunk of pipeline rank `rank` (stage c·p + r, §2.2.2)."""
+        lay = self.job.layout
+        return [self.stage_layers(c * lay.pp + rank) for c in range(lay.chunks)]
+
     def chunk(self, stage: int) -> PassTime:
         """One microbatch through virtual stage `stage` (layers/(p·v) layers, plus embedding or head)."""
         if stage not in self._cache:
             lay = self.job.layout
-            n = self.job.model.layers // (lay.pp * lay.chunks)
-            parts = [(self.layer, n)]
+            parts = [(self.layer, self.stage_layers(stage))]
             if stage == 0:
                 parts.append((self.embedding, 1))
             if stage == lay.pp * lay.chunks - 1:
@@ -307,7 +295,7 @@ class StageCosts:
         """Parameters held by one tp rank of pipeline rank `rank` (Megatron keeps a tied copy of the
         embedding on the last stage, §2.2)."""
         lay, m = self.job.layout, self.job.model
-        n = self.layer_parameters * m.layers / lay.pp
+        n = self.layer_parameters * sum(self.rank_layers(rank))
         emb = m.vocab_size * m.hidden
         if rank == 0:
             n += emb + (m.seq_len * m.hidden if m.family == "gpt2" else 0)
@@ -343,7 +331,7 @@ class StageCosts:
         at_peak = full if r.state_at_peak is None else params * r.state_at_peak
         if lay.zero == 3:  # the gathered weights of the layer in use and the one being prefetched
             at_peak += 2 * 2 * self.layer_parameters / lay.tp
-        per_chunk = m.layers // (lay.pp * lay.chunks)
+        per_chunk = max(self.rank_layers(rank))
         act = in_flight * per_chunk * self.activation_bytes_per_layer()
         if lay.recompute == "full":
             act += self.full_layer_bytes()

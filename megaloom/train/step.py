@@ -11,7 +11,8 @@ from torch import nn
 
 from megaloom.parallel.grads import GradSync, clip_
 from megaloom.parallel.pipeline import PipelineRunner
-from megaloom.train.precision import DynamicLossScaler, autocast
+from megaloom.precision import autocast
+from megaloom.train.precision import DynamicLossScaler
 
 
 @dataclass

@@ -41,7 +41,8 @@ from megaloom.train.checkpoint import (
     saved_keys,
 )
 from megaloom.train.optim import lr_at, set_lr
-from megaloom.train.precision import DynamicLossScaler, autocast
+from megaloom.precision import autocast
+from megaloom.train.precision import DynamicLossScaler
 from megaloom.train.sharded_state import init_optimizer_state, model_entries, optimizer_entries, set_optimizer_step
 from megaloom.train.step import train_step
 

@@ -54,7 +54,7 @@ def test_plan_text_explains(capsys):
 
 @pytest.mark.parametrize("args,match", [
     (["simulate", *MODEL, "--gpus", "12", "--tp", "8", "--global-batch", "64"], "--gpus (12) must be a multiple of --tp"),
-    (["simulate", *MODEL, "--gpus", "6", "--tp", "3", "--global-batch", "64"], "--tp (3) must divide the attention heads"),
+    (["simulate", *MODEL, "--gpus", "6", "--tp", "3", "--global-batch", "64"], "--tp (3) must divide --heads (16)"),
     (["simulate", *MODEL, "--gpus", "8", "--cluster", "nowhere", "--global-batch", "8"], "--cluster 'nowhere'"),
     (["simulate", "--layers", "2", "--gpus", "8", "--global-batch", "8"], "the model needs --hidden"),
     (["plan", *MODEL, "--gpus", "8"], "--global-batch is required"),
