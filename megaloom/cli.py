@@ -12,7 +12,7 @@ from pathlib import Path
 from megaloom.config import Config, ConfigError, describe, load_config
 from megaloom.data.sources import DataError
 from megaloom.errors import RunError
-from megaloom.parallel.runtime import LaunchEnv
+from megaloom.parallel.launch import LaunchEnv
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, RunError)
 
@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from megaloom.data.corpus import ensure_corpus
     from megaloom.observe.progress import Console
-    from megaloom.parallel.runtime import start
+    from megaloom.parallel.launch import start
     from megaloom.train.trainer import Trainer
 
     cfg = _load(args)

@@ -28,7 +28,7 @@ from megaloom.observe.plots import plot_loss
 from megaloom.observe.progress import Console
 from megaloom.parallel.comm import local
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.parallel.runtime import setup_training
+from megaloom.train.assemble import setup_training
 from megaloom.perf.flops import model_flops_per_token
 from megaloom.perf.hardware import peak_flops
 from megaloom.train.checkpoint import (

@@ -9,7 +9,7 @@ from megaloom.config import load_config
 from megaloom.model import build_model
 from megaloom.parallel.data import DPGroup, PowerSGD, ShardedAdamW, optimizer_state_bytes, tensor_bytes
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.parallel.runtime import setup_training
+from megaloom.train.assemble import setup_training
 from megaloom.train.optim import build_optimizer
 from megaloom.train.step import train_step
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from megaloom.config import load_config
 from megaloom.model import build_model
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.parallel.runtime import setup_training
+from megaloom.train.assemble import setup_training
 from megaloom.parallel.schedules import simulate
 from megaloom.train.optim import build_optimizer
 from megaloom.train.step import train_step

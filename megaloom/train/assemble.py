@@ -1,14 +1,24 @@
-"""Start-up of a (possibly multi-process) run: backend, device, process grid."""
+"""Assembly: a config and a process grid in, this rank's part of a parallel model (and its optimizer) out.
+
+This is the one place that puts the parallel mechanisms of `megaloom.parallel` around the model code of
+`megaloom.model` (DESIGN principle 6): tensor parallelism (`parallelize_tensor`), the pipeline chunks
+and their runner, ZeRO-2/3 (FSDP2 `fully_shard`) or the data-parallel gradient buffer, recomputation,
+and the gradient sync. `build_parallel_model` may be called several times in one process (a policy, a
+frozen reference, a reward model, a critic on one grid); every call is collective (every rank calls it,
+in the same order) because it may create process groups. Frozen parameters (`requires_grad = False`,
+or `trainable=False` for a whole model) are left out of the optimizer, the gradient buffers and the
+gradient norm; a model built with `trainable=False` gets no gradient buffer, no sync and no optimizer.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from megaloom.config import Config, ConfigError
+from megaloom.config import Config
+from megaloom.layout import stage_layers
 from megaloom.model import build_model
 from megaloom.model.dropout import LayoutDropout
 from megaloom.model.init import init_model
@@ -17,70 +27,12 @@ from megaloom.model.transformer import Transformer
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.data import DPGroup, GradBuffer, ShardedAdamW
 from megaloom.parallel.grads import FSDPState, GradSync
-from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, new_group, set_group_timeout, validate_sizes
-from megaloom.parallel.pipeline import PipelineRunner, StageLink, rank_chunk_layers, stage_layers
+from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, new_group
+from megaloom.parallel.launch import tp_group
+from megaloom.parallel.pipeline import PipelineRunner, StageLink, rank_chunk_layers
 from megaloom.parallel.schedules import build_schedule, virtual_stage
 from megaloom.parallel.tensor import parallelize_tensor
 from megaloom.train.optim import build_optimizer
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """What the launcher (torchrun, Slurm via torchrun) tells a process; read once by the CLI."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    restart: int = 0  # torchrun --max-restarts: how many times the job has been restarted
-    master_addr: str = ""  # where torchrun's agent serves its store
-    master_port: int = 0
-    agent_store: bool = False  # the processes share the agent's store (torchrun's default)
-
-
-def start(cfg: Config, env: LaunchEnv) -> tuple[ProcessGrid, torch.device]:
-    """Validate the layout against the world size, pick the device and backend, build the grid."""
-    p = cfg.parallel
-    validate_sizes(p.tp, p.pp, p.dp, env.world_size, cfg.model)  # before any process group exists
-    device = _device(cfg.train.device, env)
-    timeout = timedelta(seconds=p.timeout_s)
-    if env.world_size > 1 and not dist.is_initialized():
-        backend = p.backend if p.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        if backend == "nccl" and device.type != "cuda":
-            raise ConfigError("parallel.backend = \"nccl\" needs GPUs; use \"gloo\" or \"auto\" on CPUs")
-        # a dead or hung peer makes the waiting collective fail after parallel.timeout_s instead of never
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                store=_restart_store(env, timeout), timeout=timeout)
-    set_group_timeout(timeout)
-    return ProcessGrid.from_config(p, cfg.model, rank=env.rank, world_size=env.world_size), device
-
-
-def _restart_store(env: LaunchEnv, timeout: timedelta) -> dist.Store | None:
-    """After a torchrun restart the agent's store still holds the dead attempt's addresses, and gloo
-    connects to them (torch 2.13: "Connection refused" in connectFullMesh). A prefix per attempt keeps
-    each attempt's keys apart. None (torch's own env:// rendezvous) on the first attempt."""
-    if env.restart == 0 or not env.agent_store or not env.master_addr:
-        return None
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"megaloom/attempt_{env.restart}", store)
-
-
-def tp_group(grid: ProcessGrid, sequence_parallel: bool) -> TPGroup | None:
-    if grid.tp == 1:
-        return None
-    return TPGroup(grid.tp_group, grid.tp, grid.tp_rank, sequence_parallel=sequence_parallel)
-
-
-def _device(name: str, env: LaunchEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but no CUDA device is visible; use train.device=\"cpu\" or \"auto\"")
-    if name == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
-        name = f"cuda:{env.local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
 
 
 @dataclass
@@ -106,38 +58,64 @@ class Training:
     dp_buffer: GradBuffer | None
 
 
-def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Training:
-    """Build this rank's part of the model (initialised as its slice of the single-device model), the
-    data-parallel gradient buffer, the (possibly ZeRO-sharded) optimizer and the gradient sync."""
+@dataclass
+class ParallelModel:
+    """One model on the grid, as this rank holds it."""
+
+    model: torch.nn.Module  # the model, or a ModuleList of this rank's pipeline chunks
+    runner: PipelineRunner | None
+    tp: TPGroup | None
+    pipe: Pipeline | None
+    fsdp: FSDPState | None
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *, trainable: bool = True) -> ParallelModel:
+    """This rank's part of the model of `cfg` (initialised as its slice of the single-device model) in the
+    config's (t, p, d, ZeRO) layout. `trainable=False`: every parameter frozen (a reference or reward
+    model); under ZeRO-3 it is still sharded over dp, under ZeRO-1/2 it is replicated (no optimizer state
+    to shard). Collective: every rank calls it."""
     tp = tp_group(grid, cfg.parallel.sequence_parallel)
     pipe = build_pipeline(cfg, grid, device, tp) if grid.pp > 1 else None
     if pipe is not None:
         model: torch.nn.Module = torch.nn.ModuleList(pipe.chunks)
     else:
         model = build_model(cfg.model, cfg.train.seed, device, tp=tp)
-    dp = DPGroup(grid.dp_group, grid.dp, grid.dp_rank)
+    if not trainable:
+        model.requires_grad_(False)
     fsdp = None
-    if cfg.parallel.zero >= 2:
+    if cfg.parallel.zero == 3 or (cfg.parallel.zero == 2 and trainable):
         fsdp = _fully_shard(model, pipe, grid, cfg.parallel.zero, always_sync=pipe is not None)
         if pipe is not None:  # FSDP2 replaced the parameter objects: find the tied embeddings again
             pipe.tied = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None]
             pipe.tied_copy = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None and not ch.first]
-    set_recompute(model, cfg.train.recompute)
+    set_recompute(model, cfg.train.recompute if trainable else "none")
     per_replica = cfg.train.global_batch // (cfg.train.micro_batch * grid.dp)
     for m in model.modules():  # dropout masks follow the global micro-batch, whichever replica runs it
         if isinstance(m, LayoutDropout):
             m.set_replica(grid.dp_rank, grid.dp, per_replica)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return ParallelModel(model, pipe.runner if pipe else None, tp, pipe, fsdp)
+
+
+def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Training:
+    """The trained model of `cfg` with its data-parallel gradient buffer, its (possibly ZeRO-sharded)
+    optimizer over the trainable parameters, and the gradient sync."""
+    pm = build_parallel_model(cfg, grid, device)
+    model, pipe = pm.model, pm.pipe
+    dp = DPGroup(grid.dp_group, grid.dp, grid.dp_rank)
+    params = pm.trainable()
     buffer = None
-    if (grid.dp > 1 or cfg.parallel.zero == 1) and fsdp is None:
+    if (grid.dp > 1 or cfg.parallel.zero == 1) and pm.fsdp is None:
         dtype = torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32
         buffer = GradBuffer(params, dp, dtype, powersgd_rank=cfg.parallel.powersgd_rank, seed=cfg.train.seed)
     optimizer = ShardedAdamW(params, cfg.train, dp) if cfg.parallel.zero == 1 else build_optimizer(model, cfg.train)
-    sync = GradSync(model, tp, pp_group=grid.pp_group if grid.pp > 1 else None,
+    sync = GradSync(model, pm.tp, pp_group=grid.pp_group if grid.pp > 1 else None,
                     embed_group=pipe.embed_group if pipe else None, tied=pipe.tied if pipe else None,
                     tied_copy=pipe.tied_copy if pipe else None, mp_group=grid.mp_group if grid.world_size > 1 else None,
-                    dp_buffer=buffer, fsdp=fsdp)
-    return Training(model, optimizer, sync, pipe.runner if pipe else None, tp, buffer)
+                    dp_buffer=buffer, fsdp=pm.fsdp)
+    return Training(model, optimizer, sync, pm.runner, pm.tp, buffer)
 
 
 def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGrid, zero: int,
