@@ -87,7 +87,7 @@ def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *
         model.requires_grad_(False)
     fsdp = None
     if cfg.parallel.zero == 3 or (cfg.parallel.zero == 2 and trainable):
-        fsdp = _fully_shard(model, pipe, grid, cfg.parallel.zero, always_sync=pipe is not None)
+        fsdp = _fully_shard(model, pipe, grid, cfg, always_sync=pipe is not None)
         if pipe is not None:  # FSDP2 replaced the parameter objects: find the tied embeddings again
             pipe.tied = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None]
             pipe.tied_copy = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None and not ch.first]
@@ -118,7 +118,7 @@ def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Trai
     return Training(model, optimizer, sync, pm.runner, pm.tp, buffer)
 
 
-def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGrid, zero: int,
+def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGrid, cfg: Config,
                  always_sync: bool) -> FSDPState:
     """ZeRO-2 (gradients and optimizer state split over dp) and ZeRO-3 (parameters too, gathered per
     layer for forward and backward) through FSDP2's `fully_shard` on the dp axis of the grid. Each
@@ -127,18 +127,33 @@ def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGri
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
+    zero = cfg.parallel.zero
+    policy = fsdp_precision(cfg.train.precision, cfg.parallel.grad_reduce_dtype)
+
     device_type = next(model.parameters()).device.type
     mesh = DeviceMesh.from_group(grid.dp_group if grid.dp > 1 else _self_group(grid), device_type)
     roots = pipe.chunks if pipe is not None else [model]
     specs = {name: p.shard_spec for name, p in model.named_parameters() if getattr(p, "shard_spec", None)}
     for root in roots:
         for block in root.layers.values():
-            fully_shard(block, mesh=mesh, reshard_after_forward=zero == 3)
-        fully_shard(root, mesh=mesh, reshard_after_forward=zero == 3)
+            fully_shard(block, mesh=mesh, reshard_after_forward=zero == 3, mp_policy=policy)
+        fully_shard(root, mesh=mesh, reshard_after_forward=zero == 3, mp_policy=policy)
     for name, p in model.named_parameters():  # FSDP2 made new parameter objects: keep the tp shard specs
         if name in specs:
             p.shard_spec = specs[name]
     return FSDPState(roots, grid.dp_group, always_sync)
+
+
+def fsdp_precision(precision: str, grad_reduce_dtype: str):  # noqa: ANN201 (torch's MixedPrecisionPolicy)
+    """What FSDP2 gathers and reduces in: parameters gathered in the compute dtype (bf16 under bf16: half
+    the all-gather bytes, as the planner counts them; fp16 too), gradients reduce-scattered in fp32
+    unless parallel.grad_reduce_dtype = "bf16". The sharded master weights and optimizer state stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    reduce = torch.bfloat16 if grad_reduce_dtype == "bf16" else torch.float32
+    # cast_forward_inputs=False: the residual stream stays fp32, as in every other layout
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, output_dtype=None, cast_forward_inputs=False)
 
 
 def _self_group(grid: ProcessGrid) -> dist.ProcessGroup:
