@@ -99,10 +99,11 @@ def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *
     return ParallelModel(model, pipe.runner if pipe else None, tp, pipe, fsdp)
 
 
-def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device) -> Training:
-    """The trained model of `cfg` with its data-parallel gradient buffer, its (possibly ZeRO-sharded)
-    optimizer over the trainable parameters, and the gradient sync."""
-    pm = build_parallel_model(cfg, grid, device)
+def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device, model: ParallelModel | None = None) -> Training:
+    """The trained model of `cfg` (or `model`, built by `build_parallel_model` and perhaps partly frozen
+    since) with its data-parallel gradient buffer, its (possibly ZeRO-sharded) optimizer over the
+    trainable parameters only, and the gradient sync."""
+    pm = model if model is not None else build_parallel_model(cfg, grid, device)
     model, pipe = pm.model, pm.pipe
     dp = DPGroup(grid.dp_group, grid.dp, grid.dp_rank)
     params = pm.trainable()
