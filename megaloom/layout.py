@@ -160,6 +160,12 @@ def check_layout(model: ModelShape, lay: LayoutSpec, names: Mapping[str, str] = 
         raise ConfigError(f"{names['zero']} = {lay.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
     kind = check_schedule(lay.schedule or schedule_kind("", lay.chunks, names), lay.pp, lay.microbatches, lay.chunks,
                           names)
+    if kind is ScheduleKind.ZB_H1 and lay.zero >= 2 and lay.pp > 1:
+        # FSDP2 reduce-scatters in its post-backward hook, which fires at the I pass, before zb-h1's
+        # deferred W pass has produced the weight gradients (Qi et al. 2023, §3): they would be lost
+        raise ConfigError(f'{names["schedule"]} = "zb-h1" defers the weight gradients past the point where '
+                          f"{names['zero']} = {lay.zero} (FSDP) reduce-scatters them; use {names['zero']} 0 or 1 "
+                          f'with zb-h1, or {names["schedule"]} = "1f1b"')
     if lay.pp > 1 or lay.chunks > 1:
         stage_layers(model.layers, lay.pp, lay.chunks, lay.layers_per_stage or None, names)
     elif lay.layers_per_stage:

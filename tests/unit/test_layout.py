@@ -1,0 +1,65 @@
+"""One validator: config loading, `megaloom simulate` and `megaloom plan` accept and refuse the same
+layouts (megaloom/layout.py), each naming the setting as its user spells it."""
+
+import pytest
+
+from megaloom.config import ConfigError, ModelConfig, load_config
+from megaloom.perf.costs import Layout, check_job
+
+BASE = ["model.layers=4", "model.hidden=32", "model.heads=4", "model.vocab_size=64", "model.seq_len=16",
+        "train.global_batch=8", "train.micro_batch=1", "data.vocab_size=64"]
+
+
+def _config(**p):
+    return load_config(None, BASE + [f"parallel.{k}={v!r}" if isinstance(v, str) else f"parallel.{k}={str(v).lower()}"
+                                     for k, v in p.items()])
+
+
+def _plan(cfg):
+    p, t = cfg.parallel, cfg.train
+    lay = Layout(p.tp, p.pp, p.dp, t.micro_batch, p.chunks, "none", p.zero, p.sequence_parallel, p.schedule,
+                 tuple(p.layers_per_stage))
+    check_job(cfg.model, p.tp * p.pp * p.dp, t.global_batch, lay)
+
+
+CASES = [  # (parallel settings, part of the config's message or None when accepted)
+    (dict(tp=3), "parallel.tp (3) must divide model.heads (4)"),  # was only checked at launch
+    (dict(tp=2, pp=2, dp=2), None),
+    (dict(pp=3), "model.layers (4) is not divisible by parallel.pp x parallel.chunks (3)"),
+    (dict(pp=3, layers_per_stage=[2, 1, 1]), None),  # uneven: the runtime runs it, so the planner models it
+    (dict(pp=2, zero=2, dp=2), None),  # ZeRO-2 with pipelining runs, so the planner takes it
+    (dict(pp=2, dp=2, zero=3, schedule="zb-h1"), 'parallel.schedule = "zb-h1" defers the weight gradients'),
+    (dict(pp=2, dp=2, zero=1, schedule="zb-h1"), None),
+    (dict(pp=2, chunks=2, schedule="interleaved", dp=8), "needs microbatches (1) to be a multiple of parallel.pp"),
+    (dict(tp=2, sequence_parallel=True), None),
+]
+
+
+@pytest.mark.parametrize("settings, message", CASES)
+def test_config_and_planner_agree(settings, message):
+    if message is None:
+        cfg = _config(**settings)
+        _plan(cfg)  # the planner takes what the config takes
+        return
+    with pytest.raises(ConfigError) as e:
+        _config(**settings)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    flags = {k: v for k, v in settings.items() if k != "layers_per_stage"}
+    cfg_ok = load_config(None, BASE)  # the same layout given to the planner directly is refused too
+    p = dict(tp=1, pp=1, dp=1, chunks=1, zero=0, schedule="", sequence_parallel=False) | flags
+    lay = Layout(p["tp"], p["pp"], p["dp"], 1, p["chunks"], "none", p["zero"], p["sequence_parallel"], p["schedule"],
+                 tuple(settings.get("layers_per_stage", ())))
+    with pytest.raises(ConfigError) as e2:
+        check_job(cfg_ok.model, p["tp"] * p["pp"] * p["dp"], cfg_ok.train.global_batch, lay)
+    assert "--" in str(e2.value)  # the planner names its flags
+
+
+def test_uneven_stages_change_the_simulated_memory():
+    from megaloom.perf.cluster import load_cluster
+    from megaloom.perf.costs import Job, StageCosts
+
+    m = ModelConfig(family="gpt2", layers=6, hidden=256, heads=4, vocab_size=512, seq_len=64)
+    even = Job(m, load_cluster("dgx-a100"), 2, 8, Layout(pp=2, microbatch=1))
+    uneven = Job(m, load_cluster("dgx-a100"), 2, 8, Layout(pp=2, microbatch=1, layers_per_stage=(4, 2)))
+    assert StageCosts(uneven).rank_layers(0) == [4] and StageCosts(even).rank_layers(0) == [3]
+    assert StageCosts(uneven).rank_parameters(0) > StageCosts(even).rank_parameters(0)
