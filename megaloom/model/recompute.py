@@ -15,6 +15,7 @@ its collectives in the same order on every tp rank) and FSDP2.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ def checkpoint(fn: Callable[..., Any], *args: Any, dropouts: Sequence[LayoutDrop
     forwards in between (pipeline schedules). The global RNG state is not stashed
     (preserve_rng_state=False): nothing inside a layer draws from it.
     """
+    fn = _with_function_modes(fn)
     active = [d for d in dropouts if d.p > 0 and d.training]
     if not active:  # nothing to replay: a plain checkpoint (and no Python side effects for torch.compile)
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
@@ -51,6 +53,25 @@ def checkpoint(fn: Callable[..., Any], *args: Any, dropouts: Sequence[LayoutDrop
         return out
 
     return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def _with_function_modes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The recomputation runs inside backward, where the torch-function modes of the first forward (zero
+    bubble's weight-gradient store, parallel/wgrad.py) are not on the stack: put them back, so the
+    recomputed ops are the ones the first forward ran and save the same tensors."""
+    modes = torch.overrides._get_current_function_mode_stack()
+    if not modes:
+        return fn
+
+    def run(*a: Any) -> Any:
+        current = torch.overrides._get_current_function_mode_stack()
+        with contextlib.ExitStack() as stack:
+            for m in modes:
+                if not any(m is c for c in current):
+                    stack.enter_context(m)
+            return fn(*a)
+
+    return run
 
 
 def set_recompute(model: nn.Module, mode: str) -> nn.Module:

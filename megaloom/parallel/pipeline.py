@@ -16,6 +16,7 @@ rank simply sends its own part.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from megaloom.layout import stage_layers
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.schedules import Action, Op, Schedule, lower, virtual_stage
+from megaloom.parallel.wgrad import WeightGradStore
 from megaloom.precision import autocast
 
 
@@ -65,6 +67,9 @@ class PipelineRunner:
         self.train_actions = lower(schedule)[link.pp_rank]
         self.n_stages = schedule.pp * schedule.chunks
         self.stats = PipelineStats()
+        # zero-bubble schedules split the backward: weight gradients wait in the store for the W pass
+        split = any(a.op is Op.BACKWARD_INPUT for acts in schedule.actions for a in acts)
+        self.wgrad = WeightGradStore() if split else None
 
     # ------------------------------------------------------------------ public
 
@@ -128,7 +133,8 @@ class PipelineRunner:
             st.inputs = x
         elif train:
             st.inputs.requires_grad_(True)
-        with autocast(precision, self.device):
+        record = self.wgrad.recording((a.microbatch, a.chunk)) if self.wgrad and train else contextlib.nullcontext()
+        with autocast(precision, self.device), record:
             out = chunk(st.inputs, y) if self._is_last(a) else chunk(st.inputs)
         if self._is_last(a):
             st.output = out / len(microbatches) * loss_scale
@@ -138,15 +144,16 @@ class PipelineRunner:
 
     def _backward(self, a: Action, st: _MicroState) -> None:
         grad = None if self._is_last(a) else st.grad
-        params = [p for p in self.chunks[a.chunk].parameters() if p.requires_grad]
         if a.op is Op.BACKWARD:
             torch.autograd.backward(st.output, grad)
         elif a.op is Op.BACKWARD_INPUT:
-            # zero-bubble: the input gradient now (the previous stage waits for it), weights later
-            if not self._is_first(a):
-                (st.inputs.grad,) = torch.autograd.grad(st.output, st.inputs, grad, retain_graph=True)
-        else:  # BACKWARD_WEIGHT: the same graph, accumulating into the parameters only
-            torch.autograd.backward(st.output, grad, inputs=params)
+            # zero-bubble: the input gradient now (the previous stage waits for it); the weight-gradient
+            # GEMMs are stashed (recomputed forwards inside this backward are recorded too)
+            key = (a.microbatch, a.chunk)
+            with self.wgrad.recording(key), self.wgrad.deferred():
+                torch.autograd.backward(st.output, grad)
+        else:  # BACKWARD_WEIGHT: only the stashed weight-gradient GEMMs, no graph walk, no collective
+            self.wgrad.flush((a.microbatch, a.chunk))
 
     # ------------------------------------------------------------------ p2p
 
