@@ -319,6 +319,12 @@ def _describe(key: _Key, pp: int) -> str:
     return f"{Action(op, mb, chunk)} on rank {rank}"
 
 
+def in_flight(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank, the most micro-batch-chunks whose activations it holds at once: the one count the
+    simulators, the planner's memory model and the runtime's measured peak are all checked against."""
+    return tuple(_in_flight(acts) for acts in schedule.actions)
+
+
 def _in_flight(acts: tuple[Action, ...]) -> int:
     """Peak count of (microbatch, chunk) whose forward ran and whose activations are still held.
 
@@ -367,7 +373,7 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> SimResult:
         raise ScheduleError(f"schedule '{schedule.name}' (pp={p}, microbatches={schedule.microbatches}) deadlocks: "
                             + "; ".join(_blocked(schedule, r, pos[r], done) for r in stuck))
     return SimResult(schedule, costs, max(free), tuple(sorted(spans, key=lambda s: (s.rank, s.start))), tuple(busy),
-                     tuple(_in_flight(acts) for acts in schedule.actions))
+                     in_flight(schedule))
 
 
 def _blocked(schedule: Schedule, r: int, i: int, done: dict[_Key, tuple[float, int]]) -> str:

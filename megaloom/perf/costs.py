@@ -22,10 +22,11 @@ Memory follows Korthikanti et al. 2022 for the activations and `memory.state_byt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from megaloom.config import ConfigError, ModelConfig
 from megaloom.layout import FLAG_NAMES, LayoutSpec, ScheduleKind, check_layout
+from megaloom.parallel.schedules import build_schedule, in_flight
 from megaloom.perf import flops, memory
 from megaloom.perf.cluster import Cluster
 from megaloom.perf.collectives import Collective, collective_seconds
@@ -344,12 +345,15 @@ class StageCosts:
 
 
 def peak_in_flight(kind: ScheduleKind, p: int, m: int, v: int, rank: int = 0) -> int:
-    """Microbatch-chunks whose activations rank `rank` holds at once: the count the schedules in
-    megaloom/parallel/schedules.py produce (their warm-up forwards plus one); tested against them."""
-    if kind is ScheduleKind.GPIPE:
-        return m
-    if kind is ScheduleKind.INTERLEAVED and v > 1:
-        return min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v)
-    if kind is ScheduleKind.ZB_H1:
-        return min(p, m)
-    return min(p - rank, m)
+    """Microbatch-chunks whose activations rank `rank` holds at once, counted on the schedule's own
+    action lists (`schedules.in_flight`, the one counter)."""
+    if kind is not ScheduleKind.GPIPE:
+        # past the warm-up every schedule but GPipe holds a steady number, reached within the first
+        # 2·p·v micro-batches: count on at most that many (tests/unit/test_layout.py checks the cap is exact)
+        m = min(m, 2 * p * max(v, 1))
+    return _in_flight_per_rank(kind, p, m, v)[rank] if kind is not ScheduleKind.GPIPE else m
+
+
+@lru_cache(maxsize=256)
+def _in_flight_per_rank(kind: ScheduleKind, p: int, m: int, v: int) -> tuple[int, ...]:
+    return in_flight(build_schedule(kind, p, m, v))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 from megaloom.parallel.schedules import (
+    in_flight,
     Action,
     Costs,
     Op,
@@ -192,7 +193,7 @@ def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
     """Walk every rank's lowered action list in order, each action as early as its rank and its inputs allow."""
     lay = job.layout
     p, v = lay.pp, lay.chunks
-    _, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
+    schedule, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
     zero3 = _zero3_gathers(job, costs) if lay.zero == 3 else None
     durations = [[_duration(code, costs.chunk(s), zero3) for code in (_F, _B, _I, _W)] for s in range(p * v)]
     p2p = {}
@@ -200,8 +201,6 @@ def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
         p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 else 0.0
     arrivals: dict[int, float] = {}
     clock, busy, pos = [0.0] * p, [0.0] * p, [0] * p
-    held, peak = [0] * p, [0] * p
-    release = _W if lay.schedule_kind is ScheduleKind.ZB_H1 else _B
     spans: list[tuple[int, float, float, int, int, int]] = []
     last_backward: dict[int, tuple[float, float]] = {}
     progressed = True
@@ -223,9 +222,6 @@ def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
                     spans.append((r, now, now + d, code, mb, chunk))
                     now += d
                     busy[r] += d
-                    held[r] += (code == _F) - (code == release)
-                    if held[r] > peak[r]:
-                        peak[r] = held[r]
                     if code == _B or code == _W:
                         last_backward[stage] = (now - d, now)
                 i += 1
@@ -235,7 +231,7 @@ def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
     stuck = [r for r in range(p) if pos[r] < len(lists[r])]
     if stuck:
         raise ScheduleError(f"simulation of {lay.schedule_kind.value} deadlocked on ranks {stuck}")
-    return PipelineRun(spans, busy, clock, peak, last_backward)
+    return PipelineRun(spans, busy, clock, list(in_flight(schedule)), last_backward)
 
 
 def _duration(code: int, t: PassTime, zero3: tuple[float, float] | None) -> float:

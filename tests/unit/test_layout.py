@@ -63,3 +63,17 @@ def test_uneven_stages_change_the_simulated_memory():
     uneven = Job(m, load_cluster("dgx-a100"), 2, 8, Layout(pp=2, microbatch=1, layers_per_stage=(4, 2)))
     assert StageCosts(uneven).rank_layers(0) == [4] and StageCosts(even).rank_layers(0) == [3]
     assert StageCosts(uneven).rank_parameters(0) > StageCosts(even).rank_parameters(0)
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b", "interleaved", "zb-h1"])
+def test_the_planner_counts_in_flight_on_the_schedules_lists(kind):
+    """One counter: the planner's in-flight count is `schedules.in_flight` of the schedule itself (on
+    at most 2·p·v micro-batches past which the count is steady: checked exact here)."""
+    from megaloom.parallel.schedules import build_schedule, in_flight
+    from megaloom.perf.costs import ScheduleKind, peak_in_flight
+
+    for p in (2, 3, 4, 8):
+        for v in ((1, 2, 3) if kind == "interleaved" else (1,)):
+            for m in range(p, 8 * p * v + 1, p):
+                counts = in_flight(build_schedule(kind, p, m, v))
+                assert [peak_in_flight(ScheduleKind(kind), p, m, v, r) for r in range(p)] == list(counts), (p, v, m)
