@@ -6,8 +6,9 @@
   produces a partial sum; `g` (or the sequence reduce-scatter) adds them.
 - VocabParallelEmbedding: each rank holds V/t rows; tokens outside its range contribute zeros and the
   partial embeddings are summed.
-- vocab_parallel_cross_entropy: the loss from logits split over the vocabulary without gathering them:
-  three all-reduces of b·s numbers (max, sum of exponentials, target logit).
+- the head's loss (`vocab_loss.py`): logits split over the vocabulary, never gathered and formed a
+  chunk of rows at a time; per chunk one all-reduce of the max and one of the sum of exponentials and
+  the target logit; -100 targets ignored as on one device.
 
 A self-attention layer splits its heads (and grouped k/v heads) over the ranks: QKV is column-
 parallel, the output projection row-parallel; the MLP's first GEMM is column-parallel and the second
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaloom.parallel.shard import ShardSpec
+from megaloom.parallel.vocab_loss import vocab_parallel_linear_cross_entropy
 from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, enter_tp, leave_tp, local
 
 
@@ -79,38 +81,6 @@ class VocabParallelEmbedding(nn.Module):
         return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
-class _VocabParallelCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup, start: int) -> torch.Tensor:
-        logits = logits.float()
-        local_max = logits.max(dim=-1).values
-        all_reduce_no_grad(local_max, tp, dist.ReduceOp.MAX)
-        shifted = logits - local_max.unsqueeze(-1)
-        local = targets - start
-        inside = (local >= 0) & (local < logits.shape[-1])
-        idx = local.clamp(0, logits.shape[-1] - 1)
-        target_logit = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * inside
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        stats = torch.stack([sum_exp, target_logit])
-        all_reduce_no_grad(stats, tp)  # one all-reduce for both sums
-        sum_exp, target_logit = stats[0], stats[1]
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), idx, inside)
-        return (sum_exp.log() - target_logit).mean()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        softmax, idx, inside = ctx.saved_tensors
-        g = softmax.clone()
-        g.scatter_add_(-1, idx.unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
-        return g * (grad / idx.numel()), None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup, start: int) -> torch.Tensor:
-    """Mean cross entropy of logits (N, V/t) holding vocabulary rows [start, start + V/t)."""
-    return _VocabParallelCE.apply(logits, targets, tp, start)
-
-
 class ParallelEmbedding(nn.Module):
     """The model's `embed` under tensor parallelism: vocab-parallel tokens, summed over ranks by `g`
     (a reduce-scatter along the sequence with sequence parallelism), plus replicated positions."""
@@ -139,6 +109,7 @@ class ParallelHead(nn.Module):
     def __init__(self, head: nn.Module, embed: ParallelEmbedding | None, tp: TPGroup):
         super().__init__()
         self.tp = tp
+        self.chunk_rows = head.chunk_rows
         self._tied = [embed.tok] if head.weight is None else []
         self.weight = None
         if head.weight is not None:
@@ -157,12 +128,12 @@ class ParallelHead(nn.Module):
         w = self._tied[0].weight if self._tied else self.weight
         return F.linear(enter_tp(x, self.tp), w)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), self.tp, self.start)
-
     def hidden_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss from the final hidden states (the model's entry point; the logits stay split)."""
-        return self.loss(self(h), targets)
+        """The loss from the final hidden states (the model's entry point): the logits stay split over
+        the vocabulary and are formed `chunk_rows` tokens at a time; -100 targets are ignored."""
+        w = self._tied[0].weight if self._tied else self.weight
+        return vocab_parallel_linear_cross_entropy(enter_tp(h, self.tp), w, targets, self.tp, self.start,
+                                                   self.chunk_rows)
 
 
 def parallelize_tensor(model: nn.Module, tp: TPGroup) -> nn.Module:
