@@ -124,6 +124,8 @@ class ParallelConfig:
     grad_reduce_dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the data-parallel gradient all-reduce")
     powersgd_rank: int = _f(0, "PowerSGD rank for the data-parallel gradient all-reduce (zero 0/1); 0 = off")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "torch.distributed backend: auto = nccl on GPUs, gloo on CPUs")
+    strict_p2p: bool = _f(False, "wait for every pipeline p2p batch before the next compute, so CPU/gloo tests run the "
+                                 "runtime under NCCL's blocking rule")
     timeout_s: float = _f(600.0, "seconds a collective or p2p transfer may wait for a peer before the run stops "
                                  "with an error naming the operation")
 

@@ -1,11 +1,17 @@
 """The pipeline runtime: executes one rank's action list (from `schedules.py`) with batched p2p.
 
 Megatron-LM paper §2.2 (reference/004). The schedule is data: `lower()` turns the per-rank compute
-order into compute + send/receive actions, and this interpreter runs them. Consecutive communication
-actions go out as one `batch_isend_irecv` (e.g. "send my forward output, receive the next backward
-gradient", as Megatron pairs them); sends complete in the background and are waited for at the end of
-the step, receives are waited for before the compute that needs them. Because sends never block, a
-schedule whose dependency simulation completes (`validate`) cannot deadlock here.
+order into compute + send/receive actions, and `p2p_plan.comm_plan()` groups those transfers into
+`batch_isend_irecv` batches that cannot deadlock even when a grouped send blocks until its receive is
+posted (NCCL): each send goes out right after the pass that produced it, together with the receives
+that its neighbours' passes finishing at the same moment produce (Megatron's
+send_forward_recv_backward pairing; receives are pre-posted). This interpreter runs that plan.
+Receives are waited for right after their batch is issued, sends in the background until the end of
+the step; with `parallel.strict_p2p` every batch is waited for at once, NCCL's blocking rule.
+
+Wire dtype: the autocast dtype (bf16 under bf16), else the residual stream's dtype. Under autocast
+the residual stream stays fp32 (fp32 parameters), so activations and their gradients are cast to
+bf16 for the wire and back to the receiving stage's dtype on receipt: half the bytes, as Megatron.
 
 Scatter/gather (paper §4.1): with tensor parallelism the tensor sent between stages is replicated on
 the t ranks of a stage, so each tp rank sends only its 1/t slice to its peer, and the receiving stage
@@ -17,7 +23,7 @@ rank simply sends its own part.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -25,9 +31,10 @@ from torch import nn
 
 from megaloom.layout import stage_layers
 from megaloom.parallel.comm import TPGroup
+from megaloom.parallel.p2p_plan import P2PBatch, comm_plan
 from megaloom.parallel.schedules import Action, Op, Schedule, lower, virtual_stage
 from megaloom.parallel.wgrad import WeightGradStore
-from megaloom.precision import autocast
+from megaloom.precision import DTYPES, autocast
 
 
 @dataclass
@@ -55,16 +62,25 @@ class _MicroState:
 class PipelineStats:
     peak_in_flight: int = 0   # most micro-batch-chunks holding activations at once
     sent_bytes: float = 0.0   # p2p bytes this rank sent this step
+    batches: int = 0          # batch_isend_irecv calls this step
+    sends: list[tuple[torch.dtype, int]] = field(default_factory=list)  # (dtype, elements) of each send
+    trace: list[str] = field(default_factory=list)  # the plan's steps as executed: passes and p2p batches
 
 
 class PipelineRunner:
     """Runs the training (or forward-only) actions of one pipeline rank over its model chunks."""
 
     def __init__(self, chunks: list[nn.Module], schedule: Schedule, link: StageLink, act_shape: tuple[int, ...],
-                 device: torch.device):
+                 device: torch.device, strict_p2p: bool = False):
         self.chunks, self.schedule, self.link = chunks, schedule, link
         self.act_shape, self.device = act_shape, device  # (micro_batch, local seq, hidden)
+        self.strict_p2p = strict_p2p  # parallel.strict_p2p: wait for every batch right after issuing it
         self.train_actions = lower(schedule)[link.pp_rank]
+        self.train_plan = comm_plan(schedule)[link.pp_rank]  # the same transfers, batched NCCL-safe
+        # the residual stream's dtype (fp32 parameters: fp32 even under autocast); the wire may be narrower
+        floats = [p.dtype for c in chunks for p in c.parameters() if p.is_floating_point()]
+        self.residual_dtype = floats[0] if floats else torch.float32
+        self.wire_dtype = self.residual_dtype
         self.n_stages = schedule.pp * schedule.chunks
         self.stats = PipelineStats()
         # zero-bubble schedules split the backward: weight gradients wait in the store for the W pass
@@ -76,36 +92,33 @@ class PipelineRunner:
     def forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
                          loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of every micro-batch; returns the summed mean loss (last stage; 0 elsewhere)."""
-        return self._run(self.train_actions, microbatches, precision, loss_scale, train=True)
+        return self._run(self.train_plan, microbatches, precision, loss_scale, train=True)
 
     @torch.no_grad()
     def forward_only(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]], precision: str) -> torch.Tensor:
         """Mean loss over any number of micro-batches (last stage; 0 elsewhere): chunk by chunk, all
-        micro-batches through each, which needs no backward and cannot deadlock with async sends."""
+        micro-batches through each, with its own communication plan."""
         p, v, m = self.schedule.pp, self.schedule.chunks, len(microbatches)
         order = tuple(tuple(Action(Op.FORWARD, mb, c) for c in range(v) for mb in range(m)) for _ in range(p))
-        actions = lower(Schedule("forward-only", p, m, v, order))[self.link.pp_rank]
-        return self._run(actions, microbatches, precision, 1.0, train=False)
+        plan = comm_plan(Schedule("forward-only", p, m, v, order))[self.link.pp_rank]
+        return self._run(plan, microbatches, precision, 1.0, train=False)
 
     # ------------------------------------------------------------------ interpreter
 
-    def _run(self, actions, microbatches, precision, loss_scale, train):
+    def _run(self, plan, microbatches, precision, loss_scale, train):
         if train and len(microbatches) != self.schedule.microbatches:
             raise ValueError(f"the schedule has {self.schedule.microbatches} micro-batches, got {len(microbatches)}")
         self.stats = PipelineStats()
+        # on the wire: the autocast dtype (bf16 under bf16), else the residual stream's own dtype
+        self.wire_dtype = DTYPES[precision] if precision != "fp32" else self.residual_dtype
         states: dict[tuple[int, int], _MicroState] = {}
         total = torch.zeros((), device=self.device)
         sends: list[dist.Work] = []
-        i = 0
-        while i < len(actions):
-            if actions[i].op.is_comm:
-                j = i
-                while j < len(actions) and actions[j].op.is_comm:
-                    j += 1
-                self._communicate(actions[i:j], states, sends)
-                i = j
+        for a in plan:
+            self.stats.trace.append(str(a))
+            if isinstance(a, P2PBatch):
+                self._communicate(a.ops, states, sends)
                 continue
-            a = actions[i]
             st = states.setdefault((a.microbatch, a.chunk), _MicroState())
             if a.op is Op.FORWARD:
                 total += self._forward(a, st, microbatches, precision, loss_scale, train)
@@ -115,7 +128,6 @@ class PipelineRunner:
                 self._backward(a, st)
             if a.op in (Op.BACKWARD, Op.BACKWARD_WEIGHT) or (not train and self._is_last(a)):
                 st.output = st.grad = None  # this micro-batch's activations are released
-            i += 1
         for w in sends:
             w.wait()
         return total
@@ -168,22 +180,25 @@ class PipelineRunner:
                 ops.append(dist.P2POp(dist.isend, self._outgoing(st.inputs.grad), peer))
                 st.inputs = None
             else:
-                buf = torch.empty(self._wire_numel(), device=self.device)
+                buf = torch.empty(self._wire_numel(), dtype=self.wire_dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buf, peer))
                 recvs.append((a, st, buf))
         works = dist.batch_isend_irecv(ops)
+        self.stats.batches += 1
         for op, w in zip(ops, works):
             if op.op is dist.isend:
-                sends.append(w)
                 self.stats.sent_bytes += op.tensor.numel() * op.tensor.element_size()
+                self.stats.sends.append((op.tensor.dtype, op.tensor.numel()))
+            if op.op is dist.isend and not self.strict_p2p:
+                sends.append(w)  # completes in the background, waited for at the end of the step
             else:
-                w.wait()
+                w.wait()  # receives before the compute that needs them; with strict_p2p the sends too
         for a, st, buf in recvs:
             full = self._incoming(buf)
             if a.op is Op.RECV_F:
-                st.inputs = full
+                st.inputs = full.to(self.residual_dtype)  # back to the residual stream's dtype
             else:
-                st.grad = full
+                st.grad = full.to(st.output.dtype)  # the gradient of what this stage produced, in its dtype
 
     def _wire_numel(self) -> int:
         n = 1
@@ -192,7 +207,7 @@ class PipelineRunner:
         return n // self.link.tp.size if self.link.scatter else n
 
     def _outgoing(self, t: torch.Tensor) -> torch.Tensor:
-        flat = t.float().contiguous().reshape(-1)
+        flat = t.to(self.wire_dtype).contiguous().reshape(-1)
         if self.link.scatter:  # send only this tp rank's slice
             return flat.chunk(self.link.tp.size)[self.link.tp.rank].contiguous()
         return flat
