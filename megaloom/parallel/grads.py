@@ -75,7 +75,11 @@ class GradSync:
         return total.sqrt()
 
     def any_nonfinite(self, found: torch.Tensor) -> torch.Tensor:
-        """fp16 overflow anywhere in the model skips the step on every rank."""
+        """fp16 overflow anywhere in the model skips the step on every rank. Under ZeRO-2/3 each dp rank
+        checks only its own shard of the gradients, so the flag is combined over dp too: otherwise the
+        ranks could disagree about skipping and then wait in different collectives."""
+        if self.fsdp is not None:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.fsdp.dp_group)
         if self.mp_group is not None:
             dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.mp_group)
         elif self.tp is not None:
