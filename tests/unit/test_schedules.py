@@ -266,9 +266,9 @@ def test_blocking_batches_suffice_for_gpipe_1f1b_and_zero_bubble(p, m):
 def test_interleaved_needs_non_blocking_sends():
     """Known limit of lowering each transfer next to its own pass: under interleaving both neighbours
     can sit in a send-only batch waiting for the other's receive (p = 2: ranks 0 and 1 each send
-    gradients to the other first). The runtime's isends do not block, which
-    `test_lowered_sends_match_receives` proves is enough; a runtime that blocks on sends would need
-    Megatron's pairing of each send with the next receive instead."""
+    gradients to the other first). Non-blocking isends would be enough
+    (`test_lowered_sends_match_receives`), but NCCL's are not, so the runtime executes
+    `p2p_plan.comm_plan`'s batches instead (tests/unit/test_p2p_plan.py)."""
     assert not _completes_with_blocking_batches(interleaved_1f1b(2, 4, 2))
     assert _completes_with_blocking_batches(interleaved_1f1b(2, 4, 1))  # v = 1 is 1F1B
 
