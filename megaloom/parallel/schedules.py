@@ -219,10 +219,11 @@ def lower(schedule: Schedule) -> tuple[tuple[Action, ...], ...]:
 
     Forward activations go from stage s to s+1, gradients from s+1 back to s; W moves nothing. For
     every (sender, receiver, op) pair both sides list the transfers in the same order, so FIFO
-    matching of isend/irecv pairs them correctly. Sends must not block: under interleaving two
-    neighbours can both be sending gradients before either receives (gpipe, 1f1b and zb-h1 would
-    survive blocking batches of consecutive transfers; the tests check both). With p = 1 every
-    neighbour is local and nothing is sent.
+    matching of isend/irecv pairs them correctly. Run as they stand, sends must not block: under
+    interleaving two neighbours can both be sending gradients before either receives (gpipe, 1f1b
+    and zb-h1 would survive blocking batches of consecutive transfers; the tests check both), so the
+    runtime executes `p2p_plan.comm_plan`'s regrouping of these transfers, which survives NCCL's
+    blocking sends. With p = 1 every neighbour is local and nothing is sent.
     """
     p, last = schedule.pp, schedule.pp * schedule.chunks - 1
     if p == 1:
