@@ -11,14 +11,18 @@ autograd per micro-batch and per model chunk, and synchronise only once per batc
   rest of the backward. Earlier micro-batches only accumulate. Under pipelining the buckets are
   reduced after the schedule has run (the chunks' last backwards interleave with other work).
 - `reduce_dtype = bf16` sends the buckets as bfloat16 (half the bytes; see docs for the tolerance).
-- ZeRO-1 (`parallel.zero = 1`): parameters are views into one flat buffer too; each dp rank keeps
-  AdamW state for, and updates, only its 1/d contiguous slice, then the slices are all-gathered. The
-  gradients are all-reduced (not reduce-scattered) so the global norm and clipping stay exact with no
-  extra bookkeeping; a reduce-scatter would halve that traffic (noted in docs/parallelism.md).
+- ZeRO-1 (`parallel.zero = 1`): every bucket is padded to a multiple of d and each dp rank owns the
+  r-th 1/d of every bucket (Megatron-LM's distributed optimizer). The buckets are reduce-scattered
+  (no all-reduce: (d-1)/d of the gradient bytes sent instead of 2(d-1)/d), so a rank holds averaged
+  gradients only in the ranges it owns; the norm sums the squared norms of the owned ranges over dp
+  (`GradSync.norm`), the optimizer keeps AdamW state for, and updates, only those ranges (its
+  gradients are views into the buffer: no second gradient buffer), then each bucket's parameters are
+  all-gathered. Under PowerSGD the gradients are still all-reduced (low rank) and only the step is sharded.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +30,10 @@ import torch.distributed as dist
 from torch import nn
 
 from megaloom.config import TrainConfig
-from megaloom.parallel.comm import local
+from megaloom.parallel.comm import CommCounter, local
+
+# torch 2.13 renamed reduce_scatter_tensor (deprecated alias kept); gloo and NCCL both implement it
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -47,32 +54,67 @@ class _Bucket:
 
 
 class GradBuffer:
-    """The flat gradient buffer of one model and its buckets."""
+    """The flat gradient buffer of one model and its buckets; `counter` counts the bytes this rank sends."""
 
     def __init__(self, params: list[nn.Parameter], dp: DPGroup, reduce_dtype: torch.dtype, bucket_mb: float = 25.0,
                  powersgd_rank: int = 0, seed: int = 0):
         self.dp, self.reduce_dtype = dp, reduce_dtype
         self.powersgd = PowerSGD(params, dp, powersgd_rank, seed) if powersgd_rank and dp.size > 1 else None
-        total = sum(p.numel() for p in params)
-        device = params[0].device
-        self.data = torch.zeros(total, device=device, dtype=torch.float32)
-        self.buckets: list[_Bucket] = []
-        self._bucket_of: dict[int, _Bucket] = {}
-        offset, limit = 0, int(bucket_mb * 2**20 / 4)
-        current: _Bucket | None = None
+        self.counter = CommCounter()
+        self.scatter = False  # ZeRO-1 (see `shard`): reduce-scatter the buckets instead of all-reducing them
+        self.owned: list[tuple[int, int]] = []  # ZeRO-1: this rank's range of each bucket
         # reverse order: the last layers' gradients are ready first in backward
+        self._groups: list[list[nn.Parameter]] = []
+        size, limit = 0, int(bucket_mb * 2**20 / 4)
         for p in reversed(params):
-            n = p.numel()
-            p.grad = self.data[offset:offset + n].view_as(p)
-            if current is None or current.end - current.start >= limit:
-                current = _Bucket(offset, offset, [])
-                self.buckets.append(current)
-            current.params.append(p)
-            current.end = offset + n
-            self._bucket_of[id(p)] = current
-            offset += n
+            if not self._groups or size >= limit:
+                self._groups.append([])
+                size = 0
+            self._groups[-1].append(p)
+            size += p.numel()
+        self._lay_out(pad=1)
+        for p in params:
             p.register_post_accumulate_grad_hook(self._ready)
+            p._grad_buffer = weakref.ref(self)  # ShardedAdamW finds the buffer of its parameters
         self.armed = False
+
+    def _lay_out(self, pad: int) -> None:
+        """Place the buckets in one flat buffer, each padded to a multiple of `pad`; point the gradients at it."""
+        self.buckets, self._bucket_of, self.offset = [], {}, {}
+        offset = 0
+        for group in self._groups:
+            start = offset
+            for p in group:
+                self.offset[id(p)] = offset
+                offset += p.numel()
+            offset = start + -(-(offset - start) // pad) * pad
+            bucket = _Bucket(start, offset, group)
+            self.buckets.append(bucket)
+            self._bucket_of.update((id(p), bucket) for p in group)
+        device = self._groups[0][0].device
+        self.data = torch.zeros(offset, device=device, dtype=torch.float32)
+        for group in self._groups:
+            for p in group:
+                o = self.offset[id(p)]
+                p.grad = self.data[o:o + p.numel()].view_as(p)
+
+    def shard(self) -> list[tuple[int, int]]:
+        """ZeRO-1: pad every bucket to a multiple of d and give rank r the r-th 1/d of each; from now on
+        `finish` reduce-scatters (unless PowerSGD compresses an all-reduce), leaving averaged gradients
+        only in the owned ranges. Returns those ranges. Call before the first backward."""
+        d, r = self.dp.size, self.dp.rank
+        if not self.owned:
+            self._lay_out(pad=d)
+            self.owned = [(b.start + r * (b.end - b.start) // d, b.start + (r + 1) * (b.end - b.start) // d)
+                          for b in self.buckets]
+            self.scatter = self.powersgd is None and d > 1
+        return self.owned
+
+    def owned_grads(self, p: nn.Parameter) -> list[torch.Tensor]:
+        """The parts of p's gradient (1-D views) that lie in this rank's ranges: where, after a
+        reduce-scatter, this rank holds the averaged gradient."""
+        o, n = self.offset[id(p)], p.numel()
+        return [self.data[max(o, s):min(o + n, e)] for s, e in self.owned if max(o, s) < min(o + n, e)]
 
     def zero(self) -> None:
         self.data.zero_()
@@ -99,30 +141,45 @@ class GradBuffer:
         view = self.data[b.start:b.end]
         view.div_(self.dp.size)  # average over replicas
         b.wire = view if self.reduce_dtype == torch.float32 else view.to(self.reduce_dtype)
-        b.work = dist.all_reduce(b.wire, group=self.dp.group, async_op=True)
+        full = b.wire.numel() * b.wire.element_size()
+        if self.scatter:
+            self.counter.add("reduce_scatter", full, self.dp.size)
+            n = b.wire.numel() // self.dp.size
+            # in place: the output is this rank's chunk of the input (NCCL's in-place form; gloo too)
+            out = b.wire[self.dp.rank * n:(self.dp.rank + 1) * n]
+            b.work = _reduce_scatter(out, b.wire, group=self.dp.group, async_op=True)
+        else:
+            self.counter.add("all_reduce", full, self.dp.size)
+            b.work = dist.all_reduce(b.wire, group=self.dp.group, async_op=True)
 
     def finish(self) -> None:
-        """Launch what has not started yet, wait for everything, leave averaged fp32 gradients."""
+        """Launch what has not started yet, wait for everything, leave averaged fp32 gradients (under
+        ZeRO-1's reduce-scatter, in this rank's ranges only)."""
         if self.powersgd is not None:
             self.powersgd.reduce()
             self.armed = False
             return
         for b in self.buckets:
             self._launch(b)
-        for b in self.buckets:
+        for i, b in enumerate(self.buckets):
             if b.work is not None:
                 b.work.wait()
                 if b.wire is not None and b.wire.dtype != torch.float32:
-                    self.data[b.start:b.end].copy_(b.wire)
+                    if self.scatter:
+                        s, e = self.owned[i]
+                        self.data[s:e].copy_(b.wire[s - b.start:e - b.start])
+                    else:
+                        self.data[b.start:b.end].copy_(b.wire)
                 b.work = b.wire = None
         self.armed = False
 
     def sent_bytes(self) -> float:
-        """Ring all-reduce bytes one rank sends for one reduction of the whole buffer."""
+        """Bytes one rank sends for one reduction of the whole buffer: ring all-reduce 2(d-1)/d of the
+        buffer, reduce-scatter (ZeRO-1) (d-1)/d."""
         if self.powersgd is not None:
             return 2 * (self.dp.size - 1) / self.dp.size * self.powersgd.wire_numel() * 4
         n = self.data.numel() * torch.finfo(self.reduce_dtype).bits // 8
-        return 2 * (self.dp.size - 1) / self.dp.size * n
+        return (1 if self.scatter else 2) * (self.dp.size - 1) / self.dp.size * n
 
 
 class PowerSGD:
@@ -172,36 +229,46 @@ class PowerSGD:
 
 
 class ShardedAdamW:
-    """ZeRO-1: AdamW whose state covers only this dp rank's 1/d slice of the flat parameter buffer."""
+    """ZeRO-1: AdamW whose state covers only this dp rank's ranges of the flat buffers.
 
-    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig, dp: DPGroup):
+    The parameters become views into one flat buffer laid out as the gradient buffer (`buffer`, or the
+    GradBuffer their gradients live in), so the ranges this rank owns are the same in both: the inner
+    AdamW steps flat slices whose gradients are views into the reduce-scattered buffer."""
+
+    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig, dp: DPGroup, buffer: GradBuffer | None = None):
         self.dp = dp
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        ordered = decay + no_decay
-        total = sum(p.numel() for p in ordered)
-        padded = -(-total // dp.size) * dp.size
+        if buffer is None:
+            ref = getattr(params[0], "_grad_buffer", None) if params else None
+            buffer = ref() if ref is not None else None
+        if buffer is None or any(id(p) not in buffer.offset for p in params):
+            raise ValueError("ZeRO-1 (ShardedAdamW) needs the GradBuffer of exactly its parameters; build it first")
+        self.buffer = buffer
+        owned = buffer.shard()
         device = params[0].device
-        self.flat = torch.zeros(padded, device=device, dtype=params[0].dtype)
-        self.flat_grad = torch.zeros(padded, device=device, dtype=torch.float32)
-        offset, bounds = 0, []
-        for p in ordered:
-            n = p.numel()
-            self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = self.flat[offset:offset + n].view_as(p)  # the model now reads the flat buffer
-            bounds.append((p, offset))
-            offset += n
-        self.bounds = bounds
-        self.decay_end = sum(p.numel() for p in decay)
-        per = padded // dp.size
-        self.lo, self.hi = dp.rank * per, (dp.rank + 1) * per
+        self.flat = torch.zeros(buffer.data.numel(), device=device, dtype=params[0].dtype)
+        self.bounds = [(p, buffer.offset[id(p)]) for p in params]
+        for p, offset in self.bounds:
+            self.flat[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.flat[offset:offset + p.numel()].view_as(p)  # the model now reads the flat buffer
+        # this rank's pieces of the parameters, merged into runs of equal weight decay (matrices decay)
+        pieces = sorted((max(o, s), min(o + p.numel(), e), p.dim() >= 2)
+                        for p, o in self.bounds for s, e in owned if max(o, s) < min(o + p.numel(), e))
+        runs: list[list] = []
+        for s, e, decay in pieces:
+            if runs and runs[-1][1] == s and runs[-1][2] == decay:
+                runs[-1][1] = e
+            else:
+                runs.append([s, e, decay])
         groups = []
-        for start, end, wd in ((0, self.decay_end, cfg.weight_decay), (self.decay_end, total, 0.0)):
-            s, e = max(start, self.lo), min(end, self.hi)
-            if s < e:
-                shard = self.flat[s:e]
-                shard.grad = self.flat_grad[s:e]
-                groups.append({"params": [shard], "weight_decay": wd})
+        for decay, wd in ((True, cfg.weight_decay), (False, 0.0)):
+            shards = []
+            for s, e, dec in runs:
+                if dec == decay:
+                    shard = self.flat[s:e]
+                    shard.grad = buffer.data[s:e]  # a view: the reduce-scattered gradients themselves
+                    shards.append(shard)
+            if shards:
+                groups.append({"params": shards, "weight_decay": wd})
         self.inner = torch.optim.AdamW(groups or [{"params": [self.flat[:0]]}], lr=cfg.lr,
                                        betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
 
@@ -213,14 +280,12 @@ class ShardedAdamW:
         return None
 
     def step(self) -> None:
-        for p, offset in self.bounds:  # gather this rank's slice of the (reduced, clipped) gradients
-            s, e = max(offset, self.lo), min(offset + p.numel(), self.hi)
-            if s < e:
-                self.flat_grad[s:e].copy_(p.grad.reshape(-1)[s - offset:e - offset])
         self.inner.step()
-        if self.dp.size > 1:
-            shard = self.flat[self.lo:self.hi].clone()
-            dist.all_gather_into_tensor(self.flat, shard, group=self.dp.group)
+        if self.dp.size > 1:  # every bucket's parameters from the ranks that updated them
+            for b, (s, e) in zip(self.buffer.buckets, self.buffer.owned):
+                full = self.flat[b.start:b.end]
+                self.buffer.counter.add("all_gather", full.numel() * full.element_size(), self.dp.size)
+                dist.all_gather_into_tensor(full, self.flat[s:e].clone(), group=self.dp.group)
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

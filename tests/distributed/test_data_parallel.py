@@ -151,3 +151,44 @@ def test_powersgd_is_exact_for_low_rank_gradients():
 
 def test_gradient_compression_bf16_and_powersgd():
     run_workers(_compression_worker, 2, timeout=600)
+
+
+def _zero1_scatter_worker(rank, world, tp, dp):
+    """ZeRO-1 reduce-scatters the gradient buckets into each rank's ranges, all-reduces no gradients,
+    keeps no second gradient buffer, and still equals the single process (loss, grad norm, parameters)."""
+    torch.set_num_threads(1)
+    steps = 3
+    ref_losses, ref_norms, ref_params = _reference(_cfg(), steps)
+    cfg = _cfg(tp=tp, dp=dp, zero=1)
+    grid = ProcessGrid.build(tp, 1, dp, rank=rank, world_size=world, model=cfg.model)
+    parts = setup_training(cfg, grid, torch.device("cpu"))
+    buf, opt = parts.dp_buffer, parts.optimizer
+    assert buf.scatter and not hasattr(opt, "flat_grad")
+    # the optimizer's gradients are views into this rank's ranges of the reduce-scattered buffer
+    owned = sum(e - s for s, e in buf.owned)
+    shards = [q for g in opt.param_groups for q in g["params"]]
+    assert all(q.grad.data_ptr() >= buf.data.data_ptr() for q in shards)
+    assert sum(q.numel() for q in shards) <= owned
+    assert buf.data.numel() == owned * dp
+    for step in range(steps):
+        buf.counter.take()
+        r = train_step(parts.model, opt, _micro(_global_batch(cfg, step), cfg, grid.dp_rank, dp),
+                       grad_clip=cfg.train.grad_clip, sync=parts.sync)
+        sent = buf.counter.take()
+        grad_bytes = buf.data.numel() * 4
+        assert sent.get("all_reduce", 0.0) == 0.0, sent
+        assert sent["reduce_scatter"] == pytest.approx((dp - 1) / dp * grad_bytes), (sent, grad_bytes)
+        assert buf.sent_bytes() == pytest.approx(sent["reduce_scatter"])
+        loss = r.loss.clone()
+        dist.all_reduce(loss, group=grid.dp_group)
+        assert loss.item() / dp == pytest.approx(ref_losses[step].item(), abs=1e-5), step
+        assert r.grad_norm.item() == pytest.approx(ref_norms[step].item(), rel=1e-5, abs=1e-6), step
+    for name, p in parts.model.named_parameters():
+        spec = getattr(p, "shard_spec", None)
+        ref = spec.take(ref_params[name].detach()) if spec is not None else ref_params[name].detach()
+        torch.testing.assert_close(p.detach(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("tp, dp", [(1, 2), (2, 2)], ids=["d2", "t2d2"])
+def test_zero1_reduce_scatters(tp, dp):
+    run_workers(_zero1_scatter_worker, tp * dp, tp, dp, timeout=120)
