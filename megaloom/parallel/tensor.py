@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, enter_tp, leave_tp, local
 from megaloom.parallel.shard import ShardSpec
 from megaloom.parallel.vocab_loss import vocab_parallel_linear_cross_entropy
-from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, enter_tp, leave_tp, local
 
 
 class ColumnParallelLinear(nn.Module):
