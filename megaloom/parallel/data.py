@@ -32,8 +32,10 @@ from torch import nn
 from megaloom.config import TrainConfig
 from megaloom.parallel.comm import CommCounter, local
 
-# torch 2.13 renamed reduce_scatter_tensor (deprecated alias kept); gloo and NCCL both implement it
+# torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor (deprecated aliases kept); gloo and NCCL
+# both implement them
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -285,7 +287,7 @@ class ShardedAdamW:
             for b, (s, e) in zip(self.buffer.buckets, self.buffer.owned):
                 full = self.flat[b.start:b.end]
                 self.buffer.counter.add("all_gather", full.numel() * full.element_size(), self.dp.size)
-                dist.all_gather_into_tensor(full, self.flat[s:e].clone(), group=self.dp.group)
+                _all_gather(full, self.flat[s:e].clone(), group=self.dp.group)
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()
