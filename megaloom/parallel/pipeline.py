@@ -6,8 +6,8 @@ order into compute + send/receive actions, and `p2p_plan.comm_plan()` groups tho
 posted (NCCL): each send goes out right after the pass that produced it, together with the receives
 that its neighbours' passes finishing at the same moment produce (Megatron's
 send_forward_recv_backward pairing; receives are pre-posted). This interpreter runs that plan.
-Receives are waited for right after their batch is issued, sends in the background until the end of
-the step; with `parallel.strict_p2p` every batch is waited for at once, NCCL's blocking rule.
+A receive is waited for just before the pass that needs it, sends in the background until the end
+of the step; with `parallel.strict_p2p` every batch is waited for at once, NCCL's blocking rule.
 
 Wire dtype: the autocast dtype (bf16 under bf16), else the residual stream's dtype. Under autocast
 the residual stream stays fp32 (fp32 parameters), so activations and their gradients are cast to
@@ -56,6 +56,7 @@ class _MicroState:
     inputs: torch.Tensor | None = None   # what F consumed (requires grad past the first stage)
     output: torch.Tensor | None = None   # F's output, or the scaled loss on the last stage
     grad: torch.Tensor | None = None     # gradient of `output` received from the next stage
+    pending: list = field(default_factory=list)  # posted receives for it: (action, works, buffer)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class PipelineRunner:
                 self._communicate(a.ops, states, sends)
                 continue
             st = states.setdefault((a.microbatch, a.chunk), _MicroState())
+            self._finish_receives(st)
             if a.op is Op.FORWARD:
                 total += self._forward(a, st, microbatches, precision, loss_scale, train)
                 in_flight = sum(1 for s in states.values() if s.output is not None)
@@ -185,20 +187,35 @@ class PipelineRunner:
                 recvs.append((a, st, buf))
         works = dist.batch_isend_irecv(ops)
         self.stats.batches += 1
-        for op, w in zip(ops, works):
+        for op in ops:
             if op.op is dist.isend:
                 self.stats.sent_bytes += op.tensor.numel() * op.tensor.element_size()
                 self.stats.sends.append((op.tensor.dtype, op.tensor.numel()))
-            if op.op is dist.isend and not self.strict_p2p:
-                sends.append(w)  # completes in the background, waited for at the end of the step
-            else:
-                w.wait()  # receives before the compute that needs them; with strict_p2p the sends too
-        for a, st, buf in recvs:
+        if self.strict_p2p:  # NCCL's rule on any backend: the whole batch completes before anything else
+            for w in works:
+                w.wait()  # once only: a second wait on a gloo work waits for a second message
+            works = []
+        if not works:
+            per_op = [[]] * len(recvs)
+        elif len(works) == len(ops):  # one work per op (gloo)
+            sends += [w for op, w in zip(ops, works) if op.op is dist.isend]
+            per_op = [[w] for op, w in zip(ops, works) if op.op is dist.irecv]
+        else:  # NCCL coalesces the batch into one work covering the receives too (its waits are idempotent)
+            sends += works
+            per_op = [works] * len(recvs)
+        for (a, st, buf), w in zip(recvs, per_op):
+            st.pending.append((a, w, buf))  # waited for just before the pass that needs it
+
+    def _finish_receives(self, st: _MicroState) -> None:
+        for a, works, buf in st.pending:
+            for w in works:
+                w.wait()
             full = self._incoming(buf)
             if a.op is Op.RECV_F:
                 st.inputs = full.to(self.residual_dtype)  # back to the residual stream's dtype
             else:
                 st.grad = full.to(st.output.dtype)  # the gradient of what this stage produced, in its dtype
+        st.pending.clear()
 
     def _wire_numel(self) -> int:
         n = 1
