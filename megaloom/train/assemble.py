@@ -187,7 +187,8 @@ def build_pipeline(cfg: Config, grid: ProcessGrid, device: torch.device, tp: TPG
     tied_copy = [ch.embed.tok.weight for ch in chunks if ch.embed is not None and not ch.first]
     seq = m.seq_len // tp.size if tp is not None and tp.sequence_parallel else m.seq_len
     link = StageLink(grid.pp_rank, p.pp, grid.ranks(Axis.PP), tp)
-    runner = PipelineRunner(chunks, schedule, link, (cfg.train.micro_batch, seq, m.hidden), device)
+    runner = PipelineRunner(chunks, schedule, link, (cfg.train.micro_batch, seq, m.hidden), device,
+                            strict_p2p=p.strict_p2p)
     return Pipeline(chunks, runner, embed_group, tied, tied_copy)
 
 
