@@ -38,9 +38,9 @@ from megaloom.config import Config, ModelConfig, TrainConfig
 from megaloom.model import build_model
 from megaloom.model.recompute import set_recompute
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.train.assemble import setup_training
 from megaloom.perf.flops import hardware_flops_per_token, model_flops_per_token
 from megaloom.perf.memory import activation_bytes_per_layer
+from megaloom.train.assemble import setup_training
 from megaloom.train.optim import build_optimizer
 from megaloom.train.step import train_step
 

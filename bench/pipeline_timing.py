@@ -14,7 +14,6 @@ from torch import nn
 from megaloom.parallel.grid import Axis, ProcessGrid
 from megaloom.parallel.pipeline import PipelineRunner, StageLink
 from megaloom.parallel.schedules import Costs, build_schedule, simulate, virtual_stage
-
 from tests.distributed.launch import run_workers
 
 FWD, BWD = 0.04, 0.08  # seconds: sleep, not busy-wait, so 2 cores can host 4 stages

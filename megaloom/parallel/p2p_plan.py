@@ -57,8 +57,9 @@ def lowered_plan(schedule: Schedule) -> Plan:
     plan = []
     for acts in lower(schedule):
         steps: list[Step] = []
-        for comm, run in groupby(acts, key=lambda a: a.op.is_comm):
-            steps += [P2PBatch(tuple(run))] if comm else list(run)
+        for comm, group in groupby(acts, key=lambda a: a.op.is_comm):
+            run = tuple(group)
+            steps += [P2PBatch(run)] if comm else list(run)
         plan.append(tuple(steps))
     return tuple(plan)
 

@@ -32,7 +32,7 @@ from torch import nn
 from megaloom.layout import stage_layers
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.p2p_plan import P2PBatch, comm_plan
-from megaloom.parallel.schedules import Action, Op, Schedule, lower, virtual_stage
+from megaloom.parallel.schedules import Action, Op, Schedule, virtual_stage
 from megaloom.parallel.wgrad import WeightGradStore
 from megaloom.precision import DTYPES, autocast
 
@@ -76,7 +76,6 @@ class PipelineRunner:
         self.chunks, self.schedule, self.link = chunks, schedule, link
         self.act_shape, self.device = act_shape, device  # (micro_batch, local seq, hidden)
         self.strict_p2p = strict_p2p  # parallel.strict_p2p: wait for every batch right after issuing it
-        self.train_actions = lower(schedule)[link.pp_rank]
         self.train_plan = comm_plan(schedule)[link.pp_rank]  # the same transfers, batched NCCL-safe
         # the residual stream's dtype (fp32 parameters: fp32 even under autocast); the wire may be narrower
         floats = [p.dtype for c in chunks for p in c.parameters() if p.is_floating_point()]

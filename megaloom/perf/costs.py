@@ -347,11 +347,11 @@ class StageCosts:
 def peak_in_flight(kind: ScheduleKind, p: int, m: int, v: int, rank: int = 0) -> int:
     """Microbatch-chunks whose activations rank `rank` holds at once, counted on the schedule's own
     action lists (`schedules.in_flight`, the one counter)."""
-    if kind is not ScheduleKind.GPIPE:
-        # past the warm-up every schedule but GPipe holds a steady number, reached within the first
-        # 2·p·v micro-batches: count on at most that many (tests/unit/test_layout.py checks the cap is exact)
-        m = min(m, 2 * p * max(v, 1))
-    return _in_flight_per_rank(kind, p, m, v)[rank] if kind is not ScheduleKind.GPIPE else m
+    if kind is ScheduleKind.GPIPE:  # all forwards before any backward: every micro-batch (tested equal)
+        return m
+    # past the warm-up the other schedules hold a steady number, reached within the first 2·p·v
+    # micro-batches: count on at most that many (tests/unit/test_layout.py checks the cap is exact)
+    return _in_flight_per_rank(kind, p, min(m, 2 * p * max(v, 1)), v)[rank]
 
 
 @lru_cache(maxsize=256)

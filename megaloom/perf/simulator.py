@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 from megaloom.parallel.schedules import (
-    in_flight,
     Action,
     Costs,
     Op,
@@ -32,6 +31,7 @@ from megaloom.parallel.schedules import (
     SimResult,
     Span,
     build_schedule,
+    in_flight,
     lower,
     virtual_stage,
 )

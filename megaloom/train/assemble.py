@@ -63,10 +63,13 @@ class ParallelModel:
     """One model on the grid, as this rank holds it."""
 
     model: torch.nn.Module  # the model, or a ModuleList of this rank's pipeline chunks
-    runner: PipelineRunner | None
     tp: TPGroup | None
     pipe: Pipeline | None
     fsdp: FSDPState | None
+
+    @property
+    def runner(self) -> PipelineRunner | None:
+        return self.pipe.runner if self.pipe is not None else None
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -96,7 +99,7 @@ def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *
     for m in model.modules():  # dropout masks follow the global micro-batch, whichever replica runs it
         if isinstance(m, LayoutDropout):
             m.set_replica(grid.dp_rank, grid.dp, per_replica)
-    return ParallelModel(model, pipe.runner if pipe else None, tp, pipe, fsdp)
+    return ParallelModel(model, tp, pipe, fsdp)
 
 
 def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device, model: ParallelModel | None = None) -> Training:

@@ -38,9 +38,9 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megaloom.parallel.shard import ShardSpec
 from megaloom.parallel.comm import local
 from megaloom.parallel.data import ShardedAdamW
+from megaloom.parallel.shard import ShardSpec
 
 
 @dataclass

@@ -28,9 +28,10 @@ from megaloom.observe.plots import plot_loss
 from megaloom.observe.progress import Console
 from megaloom.parallel.comm import local
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.train.assemble import setup_training
 from megaloom.perf.flops import model_flops_per_token
 from megaloom.perf.hardware import peak_flops
+from megaloom.precision import autocast
+from megaloom.train.assemble import setup_training
 from megaloom.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -41,7 +42,6 @@ from megaloom.train.checkpoint import (
     saved_keys,
 )
 from megaloom.train.optim import lr_at, set_lr
-from megaloom.precision import autocast
 from megaloom.train.precision import DynamicLossScaler
 from megaloom.train.sharded_state import init_optimizer_state, model_entries, optimizer_entries, set_optimizer_step
 from megaloom.train.step import train_step

@@ -49,7 +49,7 @@ def _worker(rank, world):
         parts = setup_training(cfg, grid, torch.device("cpu"))
         seen = set()
         hook = parts.model.layers["0"].attn.qkv.register_forward_pre_hook(
-            lambda m, _: seen.add(m.weight.dtype))
+            lambda m, _, seen=seen: seen.add(m.weight.dtype))
         losses = []
         for s in range(STEPS):
             r = train_step(parts.model, parts.optimizer, _batch(cfg, s, rank, world), sync=parts.sync, precision="bf16")

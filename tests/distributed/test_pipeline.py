@@ -7,9 +7,9 @@ import torch.distributed as dist
 from megaloom.config import load_config
 from megaloom.model import build_model
 from megaloom.parallel.grid import ProcessGrid
-from megaloom.train.assemble import setup_training
 from megaloom.parallel.p2p_plan import P2PBatch, comm_plan
-from megaloom.parallel.schedules import simulate
+from megaloom.parallel.schedules import Op, simulate
+from megaloom.train.assemble import setup_training
 from megaloom.train.optim import build_optimizer
 from megaloom.train.step import train_step
 
@@ -82,7 +82,8 @@ def _pipeline_worker(rank, world, family, tp, pp, sp):
 
 def _check_wire_volume(pipe, cfg, tp, sp):
     """Scatter/gather (§4.1): each send carries b·s·h/t elements, with or without sequence parallelism."""
-    sends = sum(1 for a in pipe.runner.train_actions if a.op.value.startswith("SEND"))
+    sends = sum(1 for step in pipe.runner.train_plan if isinstance(step, P2PBatch)
+                for a in step.ops if a.op in (Op.SEND_F, Op.SEND_B))
     b, s, h = cfg.train.micro_batch, cfg.model.seq_len, cfg.model.hidden
     assert pipe.runner.stats.sent_bytes == sends * b * s * h // tp * 4, (pipe.runner.stats.sent_bytes, sends)
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from megaloom.cli import main
-from megaloom.parallel.shard import ShardSpec
 from megaloom.observe.metrics import read_metrics
+from megaloom.parallel.shard import ShardSpec
 from megaloom.train import checkpoint as ck
 from megaloom.train.sharded_state import flat_range_boxes, spec_pieces
 

@@ -38,7 +38,9 @@ def modules() -> list[str]:
 def imported(module: str) -> set[str]:
     """The megaloom modules `module` imports, at any depth of its code (deferred imports count)."""
     rel = module.replace(".", "/")
-    path = PACKAGE.parent / (rel + ".py") if (PACKAGE.parent / (rel + ".py")).exists() else PACKAGE.parent / rel / "__init__.py"
+    path = PACKAGE.parent / (rel + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / rel / "__init__.py"
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megaloom"):
