@@ -28,13 +28,24 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CommCounter:
-    """Bytes sent per collective type; the trainer reads and resets it every step."""
+    """Bytes this rank sent, per operation; the trainer reads and resets it at every log line.
+
+    Collectives count what one rank sends under the ring algorithm (`add`: all-reduce 2(n-1)/n of the
+    tensor's bytes, all-gather and reduce-scatter (n-1)/n of the full tensor); point-to-point sends
+    count their own bytes (`add_sent`). The ring factor follows the name's ending (`..._all_reduce` is
+    an all-reduce, so `embedding_all_reduce` counts as one). While `paused` nothing is counted."""
 
     sent: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    paused: bool = False
 
     def add(self, op: str, full_bytes: int, size: int) -> None:
-        factor = 2 * (size - 1) / size if op == "all_reduce" else (size - 1) / size
-        self.sent[op] += factor * full_bytes
+        if size > 1 and not self.paused:
+            factor = 2 * (size - 1) / size if op.endswith("all_reduce") else (size - 1) / size
+            self.sent[op] += factor * full_bytes
+
+    def add_sent(self, op: str, nbytes: int) -> None:
+        if not self.paused:
+            self.sent[op] += nbytes
 
     def take(self) -> dict[str, float]:
         out = dict(self.sent)

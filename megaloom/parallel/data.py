@@ -8,8 +8,13 @@ autograd per micro-batch and per model chunk, and synchronise only once per batc
   large contiguous buckets (`bucket_mb`) instead of hundreds of small tensors.
 - Without pipelining the trainer arms the buffers before the *last* micro-batch's backward: a bucket
   whose gradients are all complete starts its asynchronous all-reduce at once, overlapping with the
-  rest of the backward. Earlier micro-batches only accumulate. Under pipelining the buckets are
-  reduced after the schedule has run (the chunks' last backwards interleave with other work).
+  rest of the backward. Earlier micro-batches only accumulate. Under pipelining a bucket never spans
+  two model chunks (`units`), and each chunk is armed just before its own last backward of the step,
+  so its reduction overlaps with the rest of the schedule (Megatron's overlap with the cool-down);
+  whatever a hook did not start (zero-bubble's W pass accumulates without autograd hooks) starts
+  right after that chunk's last B or W (`launch`). Buckets holding a `deferred` parameter (the tied
+  embedding under ZeRO-1, which must be summed over the first and last stage before it is
+  scattered) wait for `finish`.
 - `reduce_dtype = bf16` sends the buckets as bfloat16 (half the bytes; see docs for the tolerance).
 - ZeRO-1 (`parallel.zero = 1`): every bucket is padded to a multiple of d and each dp rank owns the
   r-th 1/d of every bucket (Megatron-LM's distributed optimizer). The buckets are reduce-scattered
@@ -51,6 +56,7 @@ class _Bucket:
     end: int
     params: list[nn.Parameter]
     pending: int = 0
+    armed: bool = False
     work: dist.Work | None = None
     wire: torch.Tensor | None = None
 
@@ -59,26 +65,32 @@ class GradBuffer:
     """The flat gradient buffer of one model and its buckets; `counter` counts the bytes this rank sends."""
 
     def __init__(self, params: list[nn.Parameter], dp: DPGroup, reduce_dtype: torch.dtype, bucket_mb: float = 25.0,
-                 powersgd_rank: int = 0, seed: int = 0):
+                 powersgd_rank: int = 0, seed: int = 0, units: list[list[nn.Parameter]] | None = None,
+                 deferred: list[nn.Parameter] | None = None):
         self.dp, self.reduce_dtype = dp, reduce_dtype
         self.powersgd = PowerSGD(params, dp, powersgd_rank, seed) if powersgd_rank and dp.size > 1 else None
         self.counter = CommCounter()
         self.scatter = False  # ZeRO-1 (see `shard`): reduce-scatter the buckets instead of all-reducing them
         self.owned: list[tuple[int, int]] = []  # ZeRO-1: this rank's range of each bucket
-        # reverse order: the last layers' gradients are ready first in backward
+        self._deferred = {id(p) for p in deferred or []}
+        # a bucket never spans two units (pipeline chunks); within a unit, reverse order: the last
+        # layers' gradients are ready first in backward
+        mine = {id(p) for p in params}
+        units = [[p for p in u if id(p) in mine] for u in units] if units else [params]
         self._groups: list[list[nn.Parameter]] = []
-        size, limit = 0, int(bucket_mb * 2**20 / 4)
-        for p in reversed(params):
-            if not self._groups or size >= limit:
-                self._groups.append([])
-                size = 0
-            self._groups[-1].append(p)
-            size += p.numel()
+        limit = int(bucket_mb * 2**20 / 4)
+        for unit in reversed(units):
+            size = limit
+            for p in reversed(unit):
+                if size >= limit:
+                    self._groups.append([])
+                    size = 0
+                self._groups[-1].append(p)
+                size += p.numel()
         self._lay_out(pad=1)
         for p in params:
             p.register_post_accumulate_grad_hook(self._ready)
             p._grad_buffer = weakref.ref(self)  # ShardedAdamW finds the buffer of its parameters
-        self.armed = False
 
     def _lay_out(self, pad: int) -> None:
         """Place the buckets in one flat buffer, each padded to a multiple of `pad`; point the gradients at it."""
@@ -121,25 +133,39 @@ class GradBuffer:
     def zero(self) -> None:
         self.data.zero_()
         for b in self.buckets:
-            b.pending, b.work = len(b.params), None
+            b.pending, b.work, b.armed = len(b.params), None, False
 
-    def arm(self) -> None:
-        """The next backward is the batch's last: start each bucket's reduction when it is complete."""
-        self.armed = True
-        for b in self.buckets:
-            b.pending = len(b.params)
+    def _buckets(self, params: list[nn.Parameter] | None) -> list[_Bucket]:
+        if params is None:
+            return self.buckets
+        ids = {id(self._bucket_of[id(p)]) for p in params if id(p) in self._bucket_of}
+        return [b for b in self.buckets if id(b) in ids]
+
+    def arm(self, params: list[nn.Parameter] | None = None) -> None:
+        """The next backward is the batch's last (for `params`' buckets; all by default): start each
+        bucket's reduction when it is complete."""
+        for b in self._buckets(params):
+            b.armed, b.pending = True, len(b.params)
+
+    def launch(self, params: list[nn.Parameter] | None = None) -> None:
+        """Start the reduction of `params`' buckets that no hook started (their gradients are complete)."""
+        if self.powersgd is None:
+            for b in self._buckets(params):
+                self._launch(b, early=True)
 
     def _ready(self, p: nn.Parameter) -> None:
-        if not self.armed or self.powersgd is not None:
-            return
         b = self._bucket_of[id(p)]
+        if not b.armed or self.powersgd is not None:
+            return
         b.pending -= 1
         if b.pending == 0:
-            self._launch(b)
+            self._launch(b, early=True)
 
-    def _launch(self, b: _Bucket) -> None:
+    def _launch(self, b: _Bucket, early: bool = False) -> None:
         if b.work is not None or self.dp.size == 1:
             return
+        if early and self.scatter and any(id(p) in self._deferred for p in b.params):
+            return  # the tied embedding: summed over its two stages first, in `finish`
         view = self.data[b.start:b.end]
         view.div_(self.dp.size)  # average over replicas
         b.wire = view if self.reduce_dtype == torch.float32 else view.to(self.reduce_dtype)
@@ -159,7 +185,6 @@ class GradBuffer:
         ZeRO-1's reduce-scatter, in this rank's ranges only)."""
         if self.powersgd is not None:
             self.powersgd.reduce()
-            self.armed = False
             return
         for b in self.buckets:
             self._launch(b)
@@ -173,7 +198,7 @@ class GradBuffer:
                     else:
                         self.data[b.start:b.end].copy_(b.wire)
                 b.work = b.wire = None
-        self.armed = False
+            b.armed = False
 
     def sent_bytes(self) -> float:
         """Bytes one rank sends for one reduction of the whole buffer: ring all-reduce 2(d-1)/d of the

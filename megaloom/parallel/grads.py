@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaloom.parallel.comm import TPGroup, all_reduce_no_grad, local
+# FSDP2's default collectives (torch 2.13, pinned), subclassed only to count their bytes
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+from megaloom.parallel.comm import CommCounter, TPGroup, all_reduce_no_grad, local
 from megaloom.parallel.data import GradBuffer
 from megaloom.parallel.tensor import sync_replicated_grads
 
@@ -29,6 +32,9 @@ class GradSync:
         self.pp_group, self.embed_group, self.mp_group = pp_group, embed_group, mp_group
         self.tied = tied or []  # this rank's tied-embedding parameters (first and last stage)
         self.tied_copy = {id(p) for p in tied_copy or []}  # the last stage's copy: left out of the norm
+        # bytes sent outside the tp group and the gradient buffer: the tied-embedding sum and the norm
+        # over pp ("pp"), the norm's and the overflow flag's reductions over dp-sharded gradients ("dp")
+        self.counters = {"pp": CommCounter(), "dp": CommCounter()}
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         if self.dp_buffer is not None:
@@ -36,14 +42,21 @@ class GradSync:
         else:
             optimizer.zero_grad(set_to_none=True)
         if self.fsdp is not None:
-            self.fsdp.gradient_sync(self.fsdp.always_sync)  # accumulate unreduced until the last micro-batch
+            self.fsdp.gradient_sync(False)  # accumulate unreduced until the last micro-batch
 
-    def arm(self) -> None:
-        """The coming backward is the batch's last: data-parallel buckets may reduce as they complete."""
+    def arm(self, chunk: int | None = None) -> None:
+        """The coming backward is the batch's last (of pipeline chunk `chunk`; of the whole model by
+        default): its data-parallel buckets reduce as they complete, FSDP reduce-scatters."""
         if self.dp_buffer is not None:
-            self.dp_buffer.arm()
+            self.dp_buffer.arm(None if chunk is None else list(self.model[chunk].parameters()))
         if self.fsdp is not None:
-            self.fsdp.gradient_sync(True)
+            self.fsdp.gradient_sync(True, chunk)
+
+    def chunk_done(self, chunk: int) -> None:
+        """Pipeline chunk `chunk` ran its last backward (B, or zero-bubble's W) of the step: whatever of
+        its data-parallel reduction no hook started starts now."""
+        if self.dp_buffer is not None:
+            self.dp_buffer.launch(list(self.model[chunk].parameters()))
 
     def finish(self) -> None:
         """Make every gradient complete before the norm and the step: the data-parallel average, the
@@ -63,7 +76,9 @@ class GradSync:
             # Megatron-LM's embedding group: the first and last stage hold the tied word embedding;
             # summing their gradients keeps the two copies identical after every step.
             for p in self.tied:
-                dist.all_reduce(local(p.grad), group=self.embed_group)
+                g = local(p.grad)
+                self.counters["pp"].add("embedding_all_reduce", g.numel() * g.element_size(), 2)
+                dist.all_reduce(g, group=self.embed_group)
 
     def _scattered(self) -> bool:
         """ZeRO-1 reduce-scatters: a rank holds averaged gradients only in the ranges it owns."""
@@ -84,12 +99,16 @@ class GradSync:
         sq_sharded, sq_whole = _sum_sq(sharded, device), _sum_sq(whole, device)
         if self.fsdp is not None or self._scattered():  # ZeRO-1/2/3: every gradient is split over the dp ranks
             both = torch.stack([sq_sharded, sq_whole])
-            dist.all_reduce(both, group=self.fsdp.dp_group if self.fsdp is not None else self.dp_buffer.dp.group)
+            group = self.fsdp.dp_group if self.fsdp is not None else self.dp_buffer.dp.group
+            self.counters["dp"].add("norm_all_reduce", both.numel() * both.element_size(), dist.get_world_size(group))
+            dist.all_reduce(both, group=group)
             sq_sharded, sq_whole = both[0], both[1]
         if self.tp is not None:
             all_reduce_no_grad(sq_sharded, self.tp)
         total = sq_sharded + sq_whole
         if self.pp_group is not None:
+            self.counters["pp"].add("norm_all_reduce", total.numel() * total.element_size(),
+                                    dist.get_world_size(self.pp_group))
             dist.all_reduce(total, group=self.pp_group)
         return total.sqrt()
 
@@ -100,6 +119,7 @@ class GradSync:
         flag is then combined over every rank of the grid (the default group, dp x tp x pp), still in
         one reduction; otherwise over the model-parallel group (the dp replicas agree already)."""
         if self.fsdp is not None or self._scattered():
+            self.counters["dp"].add("overflow_all_reduce", found.numel() * found.element_size(), dist.get_world_size())
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
         elif self.mp_group is not None:
             dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.mp_group)
@@ -109,14 +129,22 @@ class GradSync:
 
 
 class FSDPState:
-    """ZeRO-2/3 through FSDP2's `fully_shard` on the dp axis: the roots to toggle gradient sync on."""
+    """ZeRO-2/3 through FSDP2's `fully_shard` on the dp axis: the roots (one per pipeline chunk) to
+    toggle gradient sync on, and `counter`, the bytes its all-gathers and reduce-scatters send."""
 
-    def __init__(self, roots: list[nn.Module], dp_group: dist.ProcessGroup, always_sync: bool):
-        self.roots, self.dp_group, self.always_sync = roots, dp_group, always_sync
+    def __init__(self, roots: list[nn.Module], dp_group: dist.ProcessGroup):
+        self.roots, self.dp_group = roots, dp_group
+        self.counter = CommCounter()
 
-    def gradient_sync(self, on: bool) -> None:
-        for root in self.roots:
+    def gradient_sync(self, on: bool, chunk: int | None = None) -> None:
+        for root in self.roots if chunk is None else [self.roots[chunk]]:
             root.set_requires_gradient_sync(on)
+
+    def count(self, module: nn.Module) -> None:
+        """Count the bytes of `module`'s (a `fully_shard`ed module's) collectives in `counter`, through
+        FSDP2's comm hooks (`set_custom_all_gather` / `set_custom_reduce_scatter`)."""
+        module.set_custom_all_gather(_CountingAllGather(self.counter))
+        module.set_custom_reduce_scatter(_CountingReduceScatter(self.counter))
 
     def reshard(self) -> None:
         """Put the sharded parameters back in the modules. ZeRO-2 keeps a forward's gathered parameters
@@ -127,6 +155,30 @@ class FSDPState:
             for m in root.modules():
                 if isinstance(m, FSDPModule):
                     m.reshard()
+
+
+class _CountingAllGather(DefaultAllGather):
+    """FSDP2's own all-gather, counted: one rank sends (d-1)/d of the gathered bytes."""
+
+    def __init__(self, counter: CommCounter):
+        self.counter = counter
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):  # noqa: ANN001, ANN204
+        self.counter.add("fsdp_all_gather", output_tensor.numel() * output_tensor.element_size(),
+                         dist.get_world_size(group))
+        return super().__call__(output_tensor, input_tensor, group, async_op)
+
+
+class _CountingReduceScatter(DefaultReduceScatter):
+    """FSDP2's own reduce-scatter, counted: one rank sends (d-1)/d of the gradient bytes it reduces."""
+
+    def __init__(self, counter: CommCounter):
+        self.counter = counter
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # noqa: ANN001, ANN204
+        self.counter.add("fsdp_reduce_scatter", input_tensor.numel() * input_tensor.element_size(),
+                         dist.get_world_size(group))
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
 def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -23,6 +23,7 @@ rank simply sends its own part.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megaloom.layout import stage_layers
-from megaloom.parallel.comm import TPGroup
+from megaloom.parallel.comm import CommCounter, TPGroup
 from megaloom.parallel.p2p_plan import P2PBatch, comm_plan
 from megaloom.parallel.schedules import Action, Op, Schedule, virtual_stage
 from megaloom.parallel.wgrad import WeightGradStore
@@ -83,9 +84,19 @@ class PipelineRunner:
         self.wire_dtype = self.residual_dtype
         self.n_stages = schedule.pp * schedule.chunks
         self.stats = PipelineStats()
+        self.counter = CommCounter()  # p2p bytes this rank sent (op "send"), across steps until taken
         # zero-bubble schedules split the backward: weight gradients wait in the store for the W pass
         split = any(a.op is Op.BACKWARD_INPUT for acts in schedule.actions for a in acts)
         self.wgrad = WeightGradStore() if split else None
+        # the data-parallel reduction of a chunk: armed just before its last backward of the step (B,
+        # or I under zero-bubble), started for whatever is left right after its last B or W
+        self.before_last_backward: Callable[[int], None] | None = None
+        self.after_last_backward: Callable[[int], None] | None = None
+        acts = schedule.actions[link.pp_rank]
+        self._arm_at = {[a for a in acts if a.chunk == c and a.op in (Op.BACKWARD, Op.BACKWARD_INPUT)][-1]
+                        for c in range(schedule.chunks)}
+        self._done_at = {[a for a in acts if a.chunk == c and a.op in (Op.BACKWARD, Op.BACKWARD_WEIGHT)][-1]
+                         for c in range(schedule.chunks)}
 
     # ------------------------------------------------------------------ public
 
@@ -126,7 +137,11 @@ class PipelineRunner:
                 in_flight = sum(1 for s in states.values() if s.output is not None)
                 self.stats.peak_in_flight = max(self.stats.peak_in_flight, in_flight)
             else:
+                if a in self._arm_at and self.before_last_backward is not None:
+                    self.before_last_backward(a.chunk)
                 self._backward(a, st)
+                if a in self._done_at and self.after_last_backward is not None:
+                    self.after_last_backward(a.chunk)
             if a.op in (Op.BACKWARD, Op.BACKWARD_WEIGHT) or (not train and self._is_last(a)):
                 st.output = st.grad = None  # this micro-batch's activations are released
         for w in sends:
@@ -189,6 +204,7 @@ class PipelineRunner:
         for op in ops:
             if op.op is dist.isend:
                 self.stats.sent_bytes += op.tensor.numel() * op.tensor.element_size()
+                self.counter.add_sent("send", op.tensor.numel() * op.tensor.element_size())
                 self.stats.sends.append((op.tensor.dtype, op.tensor.numel()))
         if self.strict_p2p:  # NCCL's rule on any backend: the whole batch completes before anything else
             for w in works:

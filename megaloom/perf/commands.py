@@ -6,15 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from megaloom.config import ConfigError, ModelConfig, load_config
+from megaloom.config import Config, ConfigError, ModelConfig, load_config
 from megaloom.perf.cluster import load_cluster
 from megaloom.perf.costs import GIB, RECIPES, RECOMPUTE, Job, Layout
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a config file, or its shape)")
-    g.add_argument("--config", metavar="FILE", help="TOML config: its [model] (and train.global_batch) are used")
-    g.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    g.add_argument("--config", metavar="FILE", help="TOML config: its [model] (and train.global_batch, "
+                   "train.precision) are used; a model flag given beside it overrides the file's value")
+    g.add_argument("--family", choices=["gpt2", "llama"])
     g.add_argument("--layers", type=int, metavar="L")
     g.add_argument("--hidden", type=int, metavar="H")
     g.add_argument("--heads", type=int, metavar="A")
@@ -32,6 +33,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "megatron-2021 (scores materialized, as in the paper), eager (plain PyTorch autocast)")
     p.add_argument("--global-batch", type=int, metavar="B", help="sequences per step (default: train.global_batch "
                    "of --config)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="activation and gather dtype (default: train.precision of --config, else bf16)")
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
@@ -63,16 +66,23 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of the K best")
 
 
+_MODEL_FLAGS = {"family": "family", "layers": "layers", "hidden": "hidden", "heads": "heads", "vocab": "vocab_size",
+                "seq": "seq_len", "ffn": "ffn_hidden", "kv_heads": "kv_heads"}
+
+
 def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, int | None]:
+    """The model of --config with any model flag given beside it applied over the file's value, or
+    the model the flags alone describe."""
+    given = {key: getattr(args, flag) for flag, key in _MODEL_FLAGS.items() if getattr(args, flag) is not None}
     if args.config:
-        cfg = load_config(args.config)
-        return cfg.model, cfg.train.global_batch
-    missing = [f"--{n}" for n in ("layers", "hidden", "heads", "vocab", "seq") if getattr(args, n) is None]
-    if missing:
-        raise ConfigError(f"the model needs {', '.join(missing)} (or --config FILE), e.g. --layers 24 --hidden 2048 "
-                          f"--heads 16 --vocab 50304 --seq 2048")
-    m = ModelConfig(family=args.family, layers=args.layers, hidden=args.hidden, heads=args.heads,
-                    kv_heads=args.kv_heads or 0, ffn_hidden=args.ffn or 0, vocab_size=args.vocab, seq_len=args.seq)
+        cfg = load_config(args.config, [f"model.{k}={v if isinstance(v, int) else repr(v)}" for k, v in given.items()])
+        m, batch = cfg.model, cfg.train.global_batch
+    else:
+        missing = [f"--{n}" for n in ("layers", "hidden", "heads", "vocab", "seq") if getattr(args, n) is None]
+        if missing:
+            raise ConfigError(f"the model needs {', '.join(missing)} (or --config FILE), e.g. --layers 24 --hidden 2048 "
+                              f"--heads 16 --vocab 50304 --seq 2048")
+        m, batch = ModelConfig(**{"family": "gpt2", **given}), None
     for name, value in (("--layers", m.layers), ("--hidden", m.hidden), ("--heads", m.heads), ("--vocab", m.vocab_size),
                         ("--seq", m.seq_len)):
         if value < 1:
@@ -83,7 +93,27 @@ def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, int | None]:
         raise ConfigError(f"--heads ({m.heads}) must be a multiple of --kv-heads ({m.n_kv_heads})")
     if m.kv_heads and m.family != "llama":
         raise ConfigError("--kv-heads needs --family llama (grouped-query attention)")
-    return m, None
+    return m, batch
+
+
+def precision_from_args(args: argparse.Namespace) -> str:
+    if args.precision:
+        return args.precision
+    return load_config(args.config).train.precision if args.config else "bf16"
+
+
+def simulate_config(cfg: Config, gpus: int, cluster: str = "dgx-h100") -> dict:
+    """`megaloom simulate`'s report for a training config as megaloom runs it: its model, layout
+    (parallel.*, train.micro_batch, train.recompute), precision and megaloom's own program (the eager
+    recipe: fp32 weights under autocast)."""
+    from megaloom.perf.simulator import simulate_job
+
+    p, t = cfg.parallel, cfg.train
+    layout = Layout(p.tp, p.pp, gpus // (p.tp * p.pp), t.micro_batch, p.chunks, t.recompute, p.zero,
+                    p.sequence_parallel, p.schedule if p.pp > 1 else "", tuple(p.layers_per_stage))
+    job = Job(cfg.model, load_cluster(cluster), gpus, t.global_batch, layout, RECIPES["eager"], t.precision,
+              p.grad_reduce_dtype)
+    return simulate_job(job).report()
 
 
 def _setup(args: argparse.Namespace):  # noqa: ANN202
@@ -109,7 +139,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         split = ()
     layout = Layout(args.tp, args.pp, args.gpus // (args.tp * args.pp), args.microbatch, args.chunks, args.recompute,
                     args.zero, args.sequence_parallel, args.schedule or "", split)
-    sim = simulate_job(Job(model, cluster, args.gpus, batch, layout, recipe))
+    sim = simulate_job(Job(model, cluster, args.gpus, batch, layout, recipe, precision_from_args(args)))
     report = sim.report()
     if args.timeline:
         from megaloom.observe.timeline import draw_timeline

@@ -57,6 +57,7 @@ class Recipe:
     loss_memory: float  # bytes per vocabulary entry alive when the backward starts
     state_at_peak: float | None  # bytes/parameter alive at the activation peak; None = all of it (ZeRO rule)
     weight_traffic: float = 0.0  # bytes per parameter and microbatch moved to cast weights and their gradients
+    fp32_weights: bool = False  # fp32 weights and residual stream under autocast (megaloom's own program)
 
 
 # Megatron-LM's GPT with fused kernels (bias-GeLU, bias-dropout-add, fused LayerNorm), bf16 activations,
@@ -84,7 +85,7 @@ MEGATRON_2021 = Recipe("megatron-2021", False, 10, 24, 2, 22, 0, 4, 60, 10, None
 # Autocast re-casts every fp32 weight to bf16 in each forward (read 4, write 2) and autograd casts each
 # bf16 weight gradient to fp32 (read 2, write 4): 12 bytes per parameter and microbatch. (Megatron keeps
 # bf16 weights and fuses gradient accumulation into the weight-gradient GEMM: none.)
-EAGER = Recipe("eager", True, 12, 26, 4, 48, 4, 4, 40, 12, 14, 12)
+EAGER = Recipe("eager", True, 12, 26, 4, 48, 4, 4, 40, 12, 14, 12, True)
 
 RECIPES = {r.name: r for r in (MEGATRON, MEGATRON_2021, EAGER)}
 
@@ -128,6 +129,19 @@ class Job:
     global_batch: int
     layout: Layout
     recipe: Recipe = MEGATRON
+    precision: str = "bf16"  # train.precision: the dtype of activations, p2p and ZeRO-2/3 gathers (fp32: 4 bytes)
+    grad_reduce_dtype: str = "fp32"  # parallel.grad_reduce_dtype: the data-parallel gradient reduction's dtype
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes per value of the activations under autocast (and on the pipeline's wire)."""
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def residual_bytes(self) -> int:
+        """Bytes per value of the residual stream (embedding output, final norm): fp32 in megaloom's
+        program (fp32 weights), the compute dtype in Megatron's."""
+        return 4 if self.recipe.fp32_weights else self.activation_bytes
 
     @property
     def microbatches(self) -> int:
@@ -212,7 +226,7 @@ class StageCosts:
         split = t if lay.sequence_parallel else 1
         traffic = tokens * (r.traffic_replicated * h / split + r.traffic_parallel * h / t + r.traffic_mlp * m.ffn / t)
         mem_f = traffic / self.dev.copy_bytes_per_s
-        casts = self.layer_parameters / t * r.weight_traffic / 2 / self.dev.copy_bytes_per_s  # half each way
+        casts = self.layer_rank_parameters * r.weight_traffic / 2 / self.dev.copy_bytes_per_s  # half each way
         fwd += casts
         wgrad += casts
         comm = 2 * self._allreduce(tokens * h * 2) if t > 1 else 0.0
@@ -292,17 +306,42 @@ class StageCosts:
             return m.vocab_size * m.hidden + m.seq_len * m.hidden + 2 * m.hidden
         return 2 * m.vocab_size * m.hidden + m.hidden
 
-    def rank_parameters(self, rank: int) -> float:
-        """Parameters held by one tp rank of pipeline rank `rank` (Megatron keeps a tied copy of the
-        embedding on the last stage, §2.2)."""
+    @cached_property
+    def layer_split(self) -> tuple[float, float]:
+        """A layer's parameters as (split over the tp ranks, held whole by every tp rank): column- and
+        row-parallel weights and column-parallel biases are split; norms and row-parallel biases are not."""
+        m = self.job.model
+        h, f, kv = m.hidden, m.ffn, m.n_kv_heads * m.head_dim
+        if m.family == "gpt2":
+            return h * (h + 2 * kv) + (h + 2 * kv) + h * h + 2 * h * f + f, h + h + 2 * 2 * h
+        return h * (h + 2 * kv) + h * h + 3 * h * f, 2 * h
+
+    @cached_property
+    def layer_rank_parameters(self) -> float:
+        """Parameters of one layer that one tp rank holds."""
+        split, whole = self.layer_split
+        return split / self.job.layout.tp + whole
+
+    def rank_split(self, rank: int) -> tuple[float, float]:
+        """Parameters of pipeline rank `rank` as (split over tp, whole on every tp rank), per tp rank's
+        view before the split: the embedding is vocab-parallel, GPT-2's positions and the final norm are
+        whole; the last stage keeps a copy of the tied embedding (Megatron's, §2.2)."""
         lay, m = self.job.layout, self.job.model
-        n = self.layer_parameters * sum(self.rank_layers(rank))
+        split, whole = (x * sum(self.rank_layers(rank)) for x in self.layer_split)
         emb = m.vocab_size * m.hidden
         if rank == 0:
-            n += emb + (m.seq_len * m.hidden if m.family == "gpt2" else 0)
-        if rank == lay.pp - 1 and (m.family == "llama" or lay.pp > 1):
-            n += emb + m.hidden
-        return n / lay.tp
+            split += emb
+            whole += m.seq_len * m.hidden if m.family == "gpt2" else 0
+        if rank == lay.pp - 1:
+            whole += 2 * m.hidden if m.family == "gpt2" else m.hidden
+            if m.family == "llama" or lay.pp > 1:
+                split += emb
+        return split, whole
+
+    def rank_parameters(self, rank: int) -> float:
+        """Parameters held by one tp rank of pipeline rank `rank`."""
+        split, whole = self.rank_split(rank)
+        return split / self.job.layout.tp + whole
 
     def activation_bytes_per_layer(self) -> float:
         """Bytes one layer keeps for one microbatch. For the Megatron recipes this is Korthikanti et al.
@@ -328,10 +367,10 @@ class StageCosts:
         """(model state, activations, total peak) of pipeline rank `rank` holding `in_flight` microbatch-chunks."""
         lay, m, r = self.job.layout, self.job.model, self.job.recipe
         params = self.rank_parameters(rank)
-        full = params * memory.state_bytes_per_parameter(lay.zero, lay.dp)
+        full = params * memory.state_bytes_per_parameter(lay.zero, lay.dp, r.fp32_weights)
         at_peak = full if r.state_at_peak is None else params * r.state_at_peak
         if lay.zero == 3:  # the gathered weights of the layer in use and the one being prefetched
-            at_peak += 2 * 2 * self.layer_parameters / lay.tp
+            at_peak += 2 * self.job.activation_bytes * self.layer_rank_parameters
         per_chunk = max(self.rank_layers(rank))
         act = in_flight * per_chunk * self.activation_bytes_per_layer()
         if lay.recompute == "full":

@@ -27,8 +27,16 @@ def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, seque
     return s * b * h * (10 + 24 / t + attn_core / t)
 
 
-def state_bytes_per_parameter(zero: int = 0, d: int = 1) -> float:
-    """Weights + gradients + Adam state per parameter, mixed precision, ZeRO stage over d ranks."""
+def state_bytes_per_parameter(zero: int = 0, d: int = 1, fp32_weights: bool = False) -> float:
+    """Weights + gradients + Adam state per parameter, ZeRO stage over d ranks.
+
+    Mixed precision as the ZeRO paper counts it (§3: 16-bit weights 2, 16-bit gradients 2, fp32
+    master weights and Adam moments 12). `fp32_weights`: megaloom's own program, which trains the
+    fp32 weights directly under autocast (no 16-bit copy is stored): weights 4, fp32 gradients 4 (the
+    data-parallel buffer), Adam moments 8; ZeRO-1 shards the moments only (the gradient buffer stays
+    whole: the reduce-scatter runs in place), ZeRO-2 and ZeRO-3 (FSDP2) shard all three."""
+    if fp32_weights:
+        return {0: 16.0, 1: 8 + 8 / d, 2: 16 / d, 3: 16 / d}[zero]
     return {0: 16.0, 1: 4 + 12 / d, 2: 2 + 14 / d, 3: 16 / d}[zero]
 
 

@@ -52,10 +52,11 @@ class Simulation:
     busy: tuple[float, ...]  # compute seconds per pipeline rank
     spans: list[tuple[int, float, float, int, int, int]]  # rank, start, end, op code, microbatch, chunk
     memory_by_rank: tuple[tuple[float, float, float], ...]  # (state, activations, peak total) per pipeline rank
-    comm_bytes: dict[str, float]
+    comm_bytes: dict[str, float]  # per kind, the most any GPU sends
     breakdown: dict[str, float]
     costs: StageCosts = field(repr=False)
     in_flight: list[int] = field(default_factory=list)  # peak microbatch-chunks held per rank
+    comm_by_stage: list[dict[str, float]] = field(default_factory=list)  # {tp, pp, dp} per pipeline rank
 
     @cached_property
     def schedule_sim(self) -> SimResult:
@@ -110,6 +111,7 @@ class Simulation:
             "memory_capacity_gib": dev.memory_gib,
             "fits": self.fits,
             "comm_bytes_per_gpu": dict(self.comm_bytes),
+            "comm_bytes_per_stage": [dict(c) for c in self.comm_by_stage],
             "time_breakdown_s": dict(self.breakdown),
         }
 
@@ -245,9 +247,9 @@ def _zero3_gathers(job: Job, costs: StageCosts) -> tuple[float, float]:
     """Per-chunk communication of ZeRO-3 for one microbatch: gather (forward); gather + reduce-scatter (backward)."""
     lay = job.layout
     layers = job.model.layers // (lay.pp * lay.chunks)
-    weights = costs.layer_parameters / lay.tp * layers
+    weights = costs.layer_rank_parameters * layers
     group = dp_group(job, 0)
-    gather = collective_seconds(job.cluster, Collective.ALL_GATHER, weights * 2, group)
+    gather = collective_seconds(job.cluster, Collective.ALL_GATHER, weights * job.activation_bytes, group)
     scatter = collective_seconds(job.cluster, Collective.REDUCE_SCATTER, weights * 4, group)
     return gather, gather + scatter
 
@@ -300,7 +302,8 @@ def simulate_job(job: Job) -> Simulation:
             dp_exposed, opt_time = exposed, opt
     step = max(ends) + global_sync_seconds(job)
     memory_by_rank = tuple(costs.memory_bytes(r, peak[r]) for r in range(p))
-    comm = communication_volume(job, costs)
+    by_stage = communication_by_stage(job, costs)
+    comm = {k: max(st[k] for st in by_stage) for k in ("tp", "pp", "dp")}
     mean = sum(costs.chunk(s).tp_comm for s in range(p * v)) / p * job.microbatches
     breakdown = {
         "compute": max(busy) - mean,
@@ -310,28 +313,81 @@ def simulate_job(job: Job) -> Simulation:
         "optimizer": opt_time,
     }
     return Simulation(job, step, pipeline_time, tuple(busy), run.spans, memory_by_rank, comm, breakdown, costs,
-                      list(peak))
+                      list(peak), by_stage)
 
 
-def communication_volume(job: Job, costs: StageCosts) -> dict[str, float]:
-    """Bytes each GPU sends per step, by kind.
+def communication_by_stage(job: Job, costs: StageCosts) -> list[dict[str, float]]:
+    """Bytes one GPU (tp rank 0, dp rank 0) of each pipeline rank sends per step, by the group that
+    carries them, counted operation by operation as megaloom's runtime issues them (its counters,
+    `comm_bytes` in metrics.jsonl, are tested equal: tests/distributed/test_comm_bytes.py). A ring
+    all-reduce of n bytes sends 2(g-1)/g·n per rank, an all-gather or reduce-scatter (g-1)/g·n of the
+    full tensor, a point-to-point send its own n.
 
-    - tp: §3.2 of Narayanan et al.: 8·b·s·h·(t-1)/t values per layer and microbatch (two ring all-reduces
-      in forward and two in backward, each 2·(t-1)/t·b·s·h), 2 bytes each; full recomputation adds the
-      forward's two.
-    - pp: b·s·h values per microbatch across each stage boundary, b·s·h/t per GPU with scatter/gather
-      (§4.1), forward activations and backward gradients, v times under interleaving (§2.2.2).
-    - dp: a ring all-reduce of the fp32 gradients sends 2·(d-1)/d of them; ZeRO-1/2 reduce-scatter
-      them ((d-1)/d) and all-gather bf16 weights ((d-1)/d); ZeRO-3 gathers weights twice and
-      reduce-scatters gradients per microbatch.
+    - tp: per layer and microbatch the two `g` all-reduces of forward and the two `f` of backward
+      (§3.2 of Narayanan et al.: 8·b·s·h·(t-1)/t values), two more under full recomputation, in the
+      activation dtype; sequence parallelism turns each into a reduce-scatter plus an all-gather, the
+      same bytes (Korthikanti et al. §4.2.2). The vocab-parallel embedding reduces its output
+      (residual dtype; under sequence parallelism a reduce-scatter, and an all-gather of its
+      gradient); the head's input gradient is reduced (or, under sequence parallelism, its input
+      gathered and its gradient scattered); the vocab-parallel loss reduces three fp32 numbers per
+      token (max, sum of exponentials, target logit). Scatter/gather (§4.1): a stage rebuilds every tensor it
+      receives with an all-gather over tp. Per step: the norm's sum of squares, and under sequence
+      parallelism the sum of the partial gradients of the parameters every tp rank holds whole.
+    - pp: b·s·h per microbatch across each stage boundary, forward activations and backward
+      gradients, b·s·h/t per GPU when t > 1 (scatter/gather, or already split by sequence
+      parallelism), v times under interleaving (§2.2.2), in the activation dtype; the tied GPT-2
+      embedding's gradient summed between the first and last stage; the norm over stages.
+    - dp: ZeRO-0 all-reduces the gradients; ZeRO-1 reduce-scatters them and all-gathers the updated
+      weights; ZeRO-2/3 (FSDP2) gather the weights in the compute dtype for every microbatch (ZeRO-3
+      twice, forward and backward: `reshard_after_forward=True` on every unit, the root included)
+      and reduce-scatter the accumulated gradients once per step; the sharded norm adds two floats.
     """
     lay, m = job.layout, job.model
-    t, d, mb = lay.tp, lay.dp, job.microbatches
-    bsh = lay.microbatch * m.seq_len * m.hidden
-    all_reduces = 6 if lay.recompute == "full" else 4
-    tp = all_reduces * 2 * (t - 1) / t * bsh * 2 * (m.layers // lay.pp) * mb
-    pp = 2 * bsh / t * 2 * lay.chunks * mb if lay.pp > 1 else 0.0
-    params = max(costs.rank_parameters(r) for r in range(lay.pp))
-    dp = {0: 2 * 4 * params, 1: (4 + 2) * params, 2: (4 + 2) * params,
-          3: mb * (2 * 2 + 4) * params}[lay.zero] * (d - 1) / d
-    return {"tp": tp, "pp": pp, "dp": dp}
+    t, p, d, v, mb = lay.tp, lay.pp, lay.dp, lay.chunks, job.microbatches
+    act, resid = job.activation_bytes, job.residual_bytes
+    grad = 2 if job.grad_reduce_dtype == "bf16" else 4
+    bsh, tokens = lay.microbatch * m.seq_len * m.hidden, lay.microbatch * m.seq_len
+    last = p * v - 1
+    ar_t, half_t = 2 * (t - 1) / t, (t - 1) / t
+    out = []
+    for r in range(p):
+        stages = [c * p + r for c in range(v)]
+        layers = sum(costs.rank_layers(r))
+        sends = sum((s != last) + (s != 0) for s in stages) * mb  # = receives
+        split, whole = costs.rank_split(r)
+        params = split / t + whole
+        sharded = d if lay.zero >= 2 else 1  # FSDP: each rank reduces its own shard of a gradient
+        tp = 0.0
+        if t > 1:
+            tp += (6 if lay.recompute == "full" else 4) * ar_t * bsh * act * layers * mb
+            if 0 in stages:
+                tp += (2 * half_t if lay.sequence_parallel else ar_t) * bsh * resid * mb
+            if last in stages:
+                tp += (2 * half_t if lay.sequence_parallel else ar_t) * bsh * resid * mb
+                tp += 3 * ar_t * tokens * 4 * mb
+            if not lay.sequence_parallel and p > 1:
+                tp += sends * half_t * bsh * act
+            tp += ar_t * 4
+            if lay.sequence_parallel:
+                tp += ar_t * whole * 4 / sharded
+        pp = 0.0
+        if p > 1:
+            pp += sends * bsh / t * act
+            if m.tied and (0 in stages or last in stages):
+                pp += m.vocab_size * m.hidden / t * 4 / sharded
+            pp += 2 * (p - 1) / p * 4
+        dp = 0.0
+        if d > 1:
+            ring = (d - 1) / d
+            if lay.zero == 0:
+                dp = 2 * ring * params * grad
+            elif lay.zero == 1:
+                dp = ring * params * grad + ring * params * (4 if job.recipe.fp32_weights else 2)
+            else:
+                weights = 4 if job.precision == "fp32" else 2
+                gathered = 2 * params if lay.zero == 3 else params
+                dp = ring * gathered * weights * mb + ring * params * grad
+            if lay.zero >= 1:
+                dp += 2 * ring * 8
+        out.append({"tp": tp, "pp": pp, "dp": dp})
+    return out

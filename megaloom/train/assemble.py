@@ -12,6 +12,8 @@ gradient norm; a model built with `trainable=False` gets no gradient buffer, no 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ from megaloom.model.dropout import LayoutDropout
 from megaloom.model.init import init_model
 from megaloom.model.recompute import set_recompute
 from megaloom.model.transformer import Transformer
-from megaloom.parallel.comm import TPGroup
+from megaloom.parallel.comm import CommCounter, TPGroup
 from megaloom.parallel.data import DPGroup, GradBuffer, ShardedAdamW
 from megaloom.parallel.grads import FSDPState, GradSync
 from megaloom.parallel.grid import Axis, ProcessGrid, group_ranks, new_group
@@ -56,6 +58,44 @@ class Training:
     runner: PipelineRunner | None
     tp: TPGroup | None
     dp_buffer: GradBuffer | None
+    fsdp: FSDPState | None = None
+
+    def counters(self) -> list[tuple[str, CommCounter]]:
+        """Every counter of bytes this rank sends, with the group kind that carries them: tp (the
+        layers' collectives and the pipeline's scatter/gather all-gather), pp (p2p sends, the tied
+        embedding's sum, the norm over stages), dp (gradient buffer or FSDP, the norm over shards)."""
+        out = [("pp", self.sync.counters["pp"]), ("dp", self.sync.counters["dp"])]
+        if self.tp is not None:
+            out.append(("tp", self.tp.counter))
+        if self.runner is not None:
+            out.append(("pp", self.runner.counter))
+        if self.dp_buffer is not None:
+            out.append(("dp", self.dp_buffer.counter))
+        if self.fsdp is not None:
+            out.append(("dp", self.fsdp.counter))
+        return out
+
+    def take_comm_bytes(self, steps: int = 1) -> dict:
+        """Bytes this rank sent per step since the last call (over `steps` steps): `tp`, `pp`, `dp`
+        totals and, beside them, each operation as `<kind>_<op>` (metrics.jsonl's `comm_bytes`)."""
+        out = {"tp": 0.0, "pp": 0.0, "dp": 0.0}
+        for kind, counter in self.counters():
+            for op, sent in counter.take().items():
+                out[kind] += sent / steps
+                out[f"{kind}_{op}"] = out.get(f"{kind}_{op}", 0.0) + sent / steps
+        return out
+
+    @contextlib.contextmanager
+    def comm_paused(self) -> Iterator[None]:
+        """Nothing is counted inside (evaluation, sampling): `comm_bytes` is the training step's."""
+        counters = [c for _, c in self.counters()]
+        for c in counters:
+            c.paused = True
+        try:
+            yield
+        finally:
+            for c in counters:
+                c.paused = False
 
 
 @dataclass
@@ -90,7 +130,7 @@ def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *
         model.requires_grad_(False)
     fsdp = None
     if cfg.parallel.zero == 3 or (cfg.parallel.zero == 2 and trainable):
-        fsdp = _fully_shard(model, pipe, grid, cfg, always_sync=pipe is not None)
+        fsdp = _fully_shard(model, pipe, grid, cfg)
         if pipe is not None:  # FSDP2 replaced the parameter objects: find the tied embeddings again
             pipe.tied = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None]
             pipe.tied_copy = [ch.embed.tok.weight for ch in pipe.chunks if ch.embed is not None and not ch.first]
@@ -113,21 +153,28 @@ def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device, model: 
     buffer = None
     if (grid.dp > 1 or cfg.parallel.zero == 1) and pm.fsdp is None:
         dtype = torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" else torch.float32
-        buffer = GradBuffer(params, dp, dtype, powersgd_rank=cfg.parallel.powersgd_rank, seed=cfg.train.seed)
+        # under pipelining a bucket never spans two chunks; ZeRO-1 scatters the tied embedding only
+        # after its two stages have summed it
+        units = [list(c.parameters()) for c in pipe.chunks] if pipe is not None else None
+        deferred = pipe.tied if pipe is not None and pipe.embed_group is not None else None
+        buffer = GradBuffer(params, dp, dtype, powersgd_rank=cfg.parallel.powersgd_rank, seed=cfg.train.seed,
+                            units=units, deferred=deferred)
     optimizer = ShardedAdamW(params, cfg.train, dp) if cfg.parallel.zero == 1 else build_optimizer(model, cfg.train)
     sync = GradSync(model, pm.tp, pp_group=grid.pp_group if grid.pp > 1 else None,
                     embed_group=pipe.embed_group if pipe else None, tied=pipe.tied if pipe else None,
                     tied_copy=pipe.tied_copy if pipe else None, mp_group=grid.mp_group if grid.world_size > 1 else None,
                     dp_buffer=buffer, fsdp=pm.fsdp)
-    return Training(model, optimizer, sync, pm.runner, pm.tp, buffer)
+    if pm.runner is not None and params:  # each chunk's dp reduction starts at its last backward
+        pm.runner.before_last_backward, pm.runner.after_last_backward = sync.arm, sync.chunk_done
+    return Training(model, optimizer, sync, pm.runner, pm.tp, buffer, pm.fsdp)
 
 
-def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGrid, cfg: Config,
-                 always_sync: bool) -> FSDPState:
+def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGrid, cfg: Config) -> FSDPState:
     """ZeRO-2 (gradients and optimizer state split over dp) and ZeRO-3 (parameters too, gathered per
     layer for forward and backward) through FSDP2's `fully_shard` on the dp axis of the grid. Each
-    transformer block is a unit, then each model (or pipeline chunk) as the root. Under pipelining every
-    micro-batch's backward reduce-scatters (the chunks' last backwards interleave with other work)."""
+    transformer block is a unit, then each model (or pipeline chunk) as the root. Gradients accumulate
+    unreduced over the micro-batches; each root reduce-scatters in its last backward of the step (under
+    pipelining, each chunk's own: `GradSync.arm`)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
@@ -138,14 +185,17 @@ def _fully_shard(model: torch.nn.Module, pipe: Pipeline | None, grid: ProcessGri
     mesh = DeviceMesh.from_group(grid.dp_group if grid.dp > 1 else _self_group(grid), device_type)
     roots = pipe.chunks if pipe is not None else [model]
     specs = {name: p.shard_spec for name, p in model.named_parameters() if getattr(p, "shard_spec", None)}
+    state = FSDPState(roots, grid.dp_group)
     for root in roots:
         for block in root.layers.values():
             fully_shard(block, mesh=mesh, reshard_after_forward=zero == 3, mp_policy=policy)
+            state.count(block)
         fully_shard(root, mesh=mesh, reshard_after_forward=zero == 3, mp_policy=policy)
+        state.count(root)
     for name, p in model.named_parameters():  # FSDP2 made new parameter objects: keep the tp shard specs
         if name in specs:
             p.shard_spec = specs[name]
-    return FSDPState(roots, grid.dp_group, always_sync)
+    return state
 
 
 def fsdp_precision(precision: str, grad_reduce_dtype: str):  # noqa: ANN201 (torch's MixedPrecisionPolicy)

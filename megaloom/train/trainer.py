@@ -147,7 +147,8 @@ class Trainer:
                         self.pending = []
                         if eval_now:
                             self.phase = f"the evaluation after step {self.step}"
-                            row["val_loss"] = final_val = self.evaluate()
+                            with self.parts.comm_paused():  # comm_bytes counts training steps only
+                                row["val_loss"] = final_val = self.evaluate()
                         if logger is not None:
                             logger.log(row)
                         bar.update(self.step, row)
@@ -216,14 +217,9 @@ class Trainer:
         }
         if self.scaler is not None:
             row["loss_scale"] = self.scaler.scale
-        comm = {}
-        if self.tp is not None:
-            # bytes this rank sent per collective type, per step, over the logged interval
-            comm = {f"tp_{op}": sent / max(1, self.step - self.last_logged) for op, sent in self.tp.counter.take().items()}
-        if self.parts.dp_buffer is not None and self.grid.dp > 1:
-            comm["dp_all_reduce"] = self.parts.dp_buffer.sent_bytes()
-        if comm:
-            row["comm_bytes"] = comm
+        if self.grid.world_size > 1:
+            # bytes this rank sent per step over the logged interval, by group (tp, pp, dp) and operation
+            row["comm_bytes"] = self.parts.take_comm_bytes(max(1, self.step - self.last_logged))
         row["memory"] = memory_report(self.model, self.optimizer, self.device)
         self.last_logged = self.step
         return row

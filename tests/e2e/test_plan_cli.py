@@ -63,3 +63,21 @@ def test_errors_are_one_line(args, match, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("megaloom: error: ") and match in err and err.count("\n") == 1
+
+
+def test_flags_beside_config_override_the_file(capsys):
+    """configs/debug.toml has 2 layers: --layers 4 beside it makes --pp 2 --chunks 2 valid (1 layer each)."""
+    assert main(["simulate", "--config", "configs/debug.toml", "--layers", "4", "--hidden", "128", "--gpus", "2",
+                 "--pp", "2", "--chunks", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["pp"], r["chunks"], r["schedule"]) == (2, 2, "interleaved")
+    assert len(r["comm_bytes_per_stage"]) == 2 and all(set(s) == {"tp", "pp", "dp"} for s in r["comm_bytes_per_stage"])
+    assert r["comm_bytes_per_gpu"]["pp"] == max(s["pp"] for s in r["comm_bytes_per_stage"])
+    # fp32 (the file's train.precision) sends 4-byte activations, --precision bf16 two
+    assert main(["simulate", "--config", "configs/debug.toml", "--layers", "4", "--gpus", "2", "--pp", "2",
+                 "--json", "--precision", "bf16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)["comm_bytes_per_stage"][0]["pp"]
+    assert main(["simulate", "--config", "configs/debug.toml", "--layers", "4", "--gpus", "2", "--pp", "2",
+                 "--json"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)["comm_bytes_per_stage"][0]["pp"]
+    assert fp32 - 4 - 512 * 64 * 4 == pytest.approx(2 * (bf16 - 4 - 512 * 64 * 4))  # sends, beside embedding and norm

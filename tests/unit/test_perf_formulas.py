@@ -9,7 +9,7 @@ from megaloom.parallel.schedules import Costs, ScheduleKind, build_schedule, sim
 from megaloom.perf import flops, memory
 from megaloom.perf.cluster import load_cluster
 from megaloom.perf.costs import MEGATRON, MEGATRON_2021, Job, Layout, StageCosts, check_job, peak_in_flight
-from megaloom.perf.simulator import communication_volume, dp_group, hardware_flops_per_token, simulate_job
+from megaloom.perf.simulator import communication_by_stage, dp_group, hardware_flops_per_token, simulate_job
 
 GPT_1T = ModelConfig(family="gpt2", layers=128, hidden=25600, heads=160, vocab_size=51200, seq_len=2048)
 SMALL = ModelConfig(family="gpt2", layers=16, hidden=1024, heads=16, vocab_size=32000, seq_len=1024)
@@ -94,13 +94,24 @@ def test_simulated_bubble_is_the_papers(p, m, v):
 
 
 def test_communication_volumes_by_hand():
+    """A middle stage of GPT 1T at (t, p) = (8, 64): §3.2's tensor-parallel bytes plus the scatter/gather
+    all-gather of each tensor it receives; §4.1's b·s·h/t each way; the norm's scalars."""
     j = job(GPT_1T, 3072, 3072, tp=8, pp=64, recompute="none")
-    vol = communication_volume(j, StageCosts(j))
-    b, s, h, t, layers, m = 1, 2048, 25600, 8, 128 // 64, 3072 // 6
-    assert vol["tp"] == pytest.approx(8 * b * s * h * (t - 1) / t * 2 * layers * m)  # §3.2, in bf16 bytes
-    assert vol["pp"] == pytest.approx(2 * b * s * h / t * 2 * m)  # §4.1 scatter/gather: b·s·h/t each way
+    vol = communication_by_stage(j, StageCosts(j))[1]
+    b, s, h, t, p, layers, m = 1, 2048, 25600, 8, 64, 128 // 64, 3072 // 6
+    bsh, ring = b * s * h, (t - 1) / t
+    layer_bytes = 8 * bsh * ring * 2 * layers * m  # §3.2, in bf16 bytes
+    gathers = 2 * m * ring * bsh * 2  # every received activation and gradient rebuilt over tp
+    assert vol["tp"] == pytest.approx(layer_bytes + gathers + 2 * ring * 4)
+    assert vol["pp"] == pytest.approx(2 * bsh / t * 2 * m + 2 * (p - 1) / p * 4)  # §4.1 scatter/gather
     jv = job(GPT_1T, 3072, 3072, tp=8, pp=64, chunks=2)
-    assert communication_volume(jv, StageCosts(jv))["pp"] == 2 * vol["pp"]  # interleaving: v times (§2.2.2)
+    vv = communication_by_stage(jv, StageCosts(jv))[1]
+    assert vv["pp"] - 2 * (p - 1) / p * 4 == pytest.approx(2 * (vol["pp"] - 2 * (p - 1) / p * 4))  # v times (§2.2.2)
+
+
+def test_megaloom_state_bytes_per_zero_stage():
+    """fp32 weights trained under autocast: 4 + 4 + 8 bytes; ZeRO-1 shards Adam's 8 only, ZeRO-2/3 all."""
+    assert [memory.state_bytes_per_parameter(z, 8, fp32_weights=True) for z in range(4)] == [16, 9, 2, 2]
 
 
 @pytest.mark.parametrize("flags,match", [
