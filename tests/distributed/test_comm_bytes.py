@@ -2,7 +2,9 @@
 (tp, pp, dp), equal `megaloom simulate`'s stage-0 prediction within 1%, and the parameter, gradient and
 optimizer-state bytes it holds equal the planner's `memory_state_gib` within 5%: with and without
 sequence parallelism, ZeRO 0, 1 and 3, 1F1B and interleaved (chunks 2), configs/debug.toml at 4 layers.
-All layouts run in one launch of 8 gloo processes (one grid; `build_parallel_model` is reusable)."""
+All layouts run in one launch of 8 gloo processes (one grid; `build_parallel_model` is reusable).
+On the way, when each chunk's data-parallel reduction starts is recorded: right after its last
+backward of the step, so under interleaving chunk 1's reduction runs while chunk 0 still computes."""
 
 import itertools
 
@@ -36,6 +38,7 @@ def _measure(rank, world, out):
         cfg = load_config("configs/debug.toml", _overrides(**lay))
         grid = ProcessGrid.build(2, 2, 2, rank=rank, world_size=world, model=cfg.model)
         parts = setup_training(cfg, grid, torch.device("cpu"))
+        launches = _spy_on_launches(parts) if parts.dp_buffer is not None else None
         m, t = cfg.model, cfg.train
         gen = torch.Generator().manual_seed(grid.dp_rank)
         x = torch.randint(0, m.vocab_size, (t.global_batch // grid.dp, m.seq_len + 1), generator=gen)
@@ -48,9 +51,38 @@ def _measure(rank, world, out):
         if parts.dp_buffer is not None and parts.dp_buffer.data.numel() > sum(p.numel() for p in params):
             held += tensor_bytes(parts.dp_buffer.data) - sum(p.numel() for p in params) * 4  # ZeRO-1's padding
         results.append((sent, held))
+        if launches is not None:
+            _check_launches(launches, parts.runner.stats.trace, cfg.parallel.chunks)
         dist.barrier()
     if rank == 0:
         torch.save(results, out)
+
+
+def _spy_on_launches(parts):
+    """(trace position, chunk) of every bucket reduction the gradient buffer starts."""
+    chunk_of = {id(p): c for c, chunk in enumerate(parts.model) for p in chunk.parameters()}
+    buffer, launches = parts.dp_buffer, []
+    launch = buffer._launch
+
+    def spy(bucket, early=False):
+        if bucket.work is None:
+            launches.append((len(parts.runner.stats.trace), {chunk_of[id(p)] for p in bucket.params}))
+        launch(bucket, early)
+
+    buffer._launch = spy
+    return launches
+
+
+def _check_launches(launches, trace, chunks):
+    last_backward = {c: max(i for i, a in enumerate(trace) if a.startswith(f"{c}B")) for c in range(chunks)}
+    assert {c for _, owners in launches for c in owners} == set(range(chunks))
+    for position, owners in launches:
+        assert len(owners) == 1, "a bucket spans two chunks"
+        (c,) = owners
+        assert position > last_backward[c], (c, position, last_backward)  # never before its last backward
+    if chunks > 1:  # the chunk whose backwards end first reduces while the other still computes
+        first, later = sorted(last_backward, key=last_backward.get)[0], max(last_backward.values())
+        assert any(owners == {first} and position <= later for position, owners in launches), (launches, last_backward)
 
 
 def test_rank0_bytes_equal_stage0_prediction(tmp_path):

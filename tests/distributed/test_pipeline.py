@@ -151,8 +151,7 @@ def _strict_worker(rank, world, runs):
         cfg = _cfg("gpt2", 1, world, schedule, chunks, extra=["parallel.strict_p2p=true"])
         grid = ProcessGrid.build(1, world, 1, rank=rank, world_size=world, model=cfg.model)
         pipe = setup_training(cfg, grid, torch.device("cpu"))
-        pipe.runner.strict_p2p = cfg.parallel.strict_p2p  # the runner's switch for the config key
-        assert pipe.runner.strict_p2p
+        assert pipe.runner.strict_p2p  # the config key reaches the runner through the assembly
         torch.manual_seed(0)
         curve = []
         for step in range(3):
