@@ -338,6 +338,21 @@ class StageCosts:
                 split += emb
         return split, whole
 
+    def stage_parameters(self, stage: int) -> float:
+        """Parameters one tp rank holds for virtual stage `stage` (its layers, and the embedding on the
+        first stage, the final norm and the head or the tied embedding's copy on the last)."""
+        lay, m = self.job.layout, self.job.model
+        split, whole = (x * self.stage_layers(stage) for x in self.layer_split)
+        emb = m.vocab_size * m.hidden
+        if stage == 0:
+            split += emb
+            whole += m.seq_len * m.hidden if m.family == "gpt2" else 0
+        if stage == lay.pp * lay.chunks - 1:
+            whole += 2 * m.hidden if m.family == "gpt2" else m.hidden
+            if m.family == "llama" or lay.pp > 1:
+                split += emb
+        return split / lay.tp + whole
+
     def rank_parameters(self, rank: int) -> float:
         """Parameters held by one tp rank of pipeline rank `rank`."""
         split, whole = self.rank_split(rank)
@@ -371,6 +386,9 @@ class StageCosts:
         at_peak = full if r.state_at_peak is None else params * r.state_at_peak
         if lay.zero == 3:  # the gathered weights of the layer in use and the one being prefetched
             at_peak += 2 * self.job.activation_bytes * self.layer_rank_parameters
+        if lay.zero >= 2 and lay.dp > 1 and self.job.microbatches > 1:
+            # FSDP2 accumulates the micro-batches' gradients unsharded (reduce dtype) until the last one
+            at_peak += params * (2 if self.job.grad_reduce_dtype == "bf16" else 4)
         per_chunk = max(self.rank_layers(rank))
         act = in_flight * per_chunk * self.activation_bytes_per_layer()
         if lay.recompute == "full":

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from megaloom.config import ConfigError, ModelConfig
 from megaloom.perf.cluster import Cluster
 from megaloom.perf.costs import GIB, MEGATRON, RECOMPUTE, USABLE_MEMORY, Job, Layout, Recipe, StageCosts, peak_in_flight
-from megaloom.perf.simulator import Simulation, finish_step, global_sync_seconds, p2p_seconds, simulate_job
+from megaloom.perf.simulator import (
+    Simulation,
+    finish_step,
+    global_sync_seconds,
+    p2p_seconds,
+    pass_seconds,
+    simulate_job,
+)
 
 FIELDS = ("tp", "pp", "microbatch", "chunks", "recompute", "zero", "sequence_parallel")
 
@@ -107,13 +114,9 @@ class Planner:
         p, v, m = lay.pp, lay.chunks, job.microbatches
         per_rank = []
         for r in range(p) if p <= 2 else (0, 1, p - 1):  # inner ranks are all alike
-            f = sum(costs.chunk(r + c * p).forward for c in range(v))
-            b = sum(costs.chunk(r + c * p).backward for c in range(v))
+            f = sum(pass_seconds(job, costs, r + c * p, 0) for c in range(v))  # ZeRO-2/3 gathers included
+            b = sum(pass_seconds(job, costs, r + c * p, 1) for c in range(v))
             per_rank.append((r, f, b))
-        if lay.zero == 3:
-            from megaloom.perf.simulator import _zero3_gathers
-            g_f, g_b = _zero3_gathers(job, costs)
-            per_rank = [(r, max(f, g_f * v), max(b, g_b * v)) for r, f, b in per_rank]
         heaviest = max(f + b for _, f, b in per_rank)
         mean = (sum(f + b for _, f, b in per_rank) + (p - len(per_rank)) * (per_rank[1][1] + per_rank[1][2]
                                                                             if p > 2 else 0)) / p

@@ -11,8 +11,11 @@ in lockstep):
   with Megatron's scatter/gather of §4.1 when t > 1: each tp rank sends b·s·h/t on its own NIC and the
   receivers all-gather over NVLink); a receive waits for its delivery;
 - data-parallel gradient reduction of a chunk starts when the chunk's last backward starts and runs
-  bucket by bucket behind it (overlap with the last backward), ZeRO-1/2 reduce-scatter instead and
-  all-gather the updated weights after the optimizer; ZeRO-3 gathers weights before every pass;
+  bucket by bucket behind it (overlap with the last backward); ZeRO-1 reduce-scatters instead and
+  all-gathers the updated weights after the optimizer; ZeRO-2/3 (FSDP2) gather each layer's weights
+  one layer ahead of its compute, in forward (and ZeRO-3 again in backward), on a communication
+  stream that hides them only behind the compute there is (`fsdp_pass_seconds`), and reduce-scatter
+  once per step behind the last backward;
 - the optimizer step reads and writes the (sharded) fp32 state at the achieved memory bandwidth.
 """
 
@@ -37,7 +40,7 @@ from megaloom.parallel.schedules import (
 )
 from megaloom.perf import flops
 from megaloom.perf.collectives import Collective, collective_seconds
-from megaloom.perf.costs import GIB, USABLE_MEMORY, Job, PassTime, StageCosts, check_job
+from megaloom.perf.costs import GIB, USABLE_MEMORY, Job, StageCosts, check_job
 
 ADAM_BYTES_PER_PARAMETER = 30  # fused AdamW: read fp32 weight, grad, m, v (16), write weight, m, v (12), bf16 copy (2)
 
@@ -196,8 +199,7 @@ def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
     lay = job.layout
     p, v = lay.pp, lay.chunks
     schedule, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
-    zero3 = _zero3_gathers(job, costs) if lay.zero == 3 else None
-    durations = [[_duration(code, costs.chunk(s), zero3) for code in (_F, _B, _I, _W)] for s in range(p * v)]
+    durations = [[pass_seconds(job, costs, s, code) for code in (_F, _B, _I, _W)] for s in range(p * v)]
     p2p = {}
     for s in range(p * v - 1):  # the time a transfer between stages s and s+1 takes, both ways
         p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 else 0.0
@@ -236,42 +238,67 @@ def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
     return PipelineRun(spans, busy, clock, list(in_flight(schedule)), last_backward)
 
 
-def _duration(code: int, t: PassTime, zero3: tuple[float, float] | None) -> float:
+def pass_seconds(job: Job, costs: StageCosts, stage: int, code: int) -> float:
+    """One microbatch's pass (F, B, I or W) through virtual stage `stage`: its compute, and under
+    ZeRO-2/3 the weight gathers FSDP2 puts in front of each layer (`fsdp_pass_seconds`)."""
+    t = costs.chunk(stage)
     d = (t.forward, t.backward, t.backward_input, t.backward_weight)[code]
-    if zero3 is not None:  # weights gathered (and gradients reduce-scattered) one layer ahead, behind compute
-        d = max(d, zero3[0] if code == _F else zero3[1])
-    return d
-
-
-def _zero3_gathers(job: Job, costs: StageCosts) -> tuple[float, float]:
-    """Per-chunk communication of ZeRO-3 for one microbatch: gather (forward); gather + reduce-scatter (backward)."""
     lay = job.layout
-    layers = job.model.layers // (lay.pp * lay.chunks)
-    weights = costs.layer_rank_parameters * layers
-    group = dp_group(job, 0)
-    gather = collective_seconds(job.cluster, Collective.ALL_GATHER, weights * job.activation_bytes, group)
-    scatter = collective_seconds(job.cluster, Collective.REDUCE_SCATTER, weights * 4, group)
-    return gather, gather + scatter
+    if lay.zero < 2 or lay.dp == 1 or (lay.zero == 2 and code != _F) or code not in (_F, _B):
+        return d  # ZeRO-2 keeps a forward's gathered weights for the backward
+    per_layer = costs.layer.forward if code == _F else costs.layer.backward
+    layers = costs.stage_layers(stage)
+    root = costs.stage_parameters(stage) - layers * costs.layer_rank_parameters
+    group, wire = dp_group(job, 0), job.activation_bytes  # gathered in the compute dtype
+    gather = collective_seconds(job.cluster, Collective.ALL_GATHER, costs.layer_rank_parameters * wire, group)
+    gather_root = collective_seconds(job.cluster, Collective.ALL_GATHER, root * wire, group) if root else 0.0
+    return fsdp_pass_seconds(layers, per_layer, d - layers * per_layer, gather, gather_root)
+
+
+def fsdp_pass_seconds(layers: int, per_layer: float, root: float, gather: float, gather_root: float) -> float:
+    """A pass through `layers` FSDP units (one per layer, `per_layer` compute seconds each) and the
+    root unit (embedding, final norm, head: `root` seconds of compute) on two streams, as FSDP2 runs
+    it: the root's weights are gathered first, then the first layer's; each further layer's gather
+    is issued when the layer before it starts computing (one unit of prefetch: at most two layers
+    gathered at once), and a layer computes once its gather is done. Communication hides behind
+    compute only up to the compute there is: a comm-bound pass takes the sum of its gathers plus one
+    layer, a compute-bound one the sum of its compute plus the first gathers."""
+    comm = gather_root
+    clock = comm + root  # the root's work (placed first: the gathers of the layers overlap with it)
+    comm += gather
+    for i in range(layers):
+        start = max(clock, comm)
+        if i + 1 < layers:
+            comm = start + gather  # the next layer's gather, issued as this one starts
+        clock = start + per_layer
+    return clock
 
 
 def finish_step(job: Job, costs: StageCosts, r: int, finish: float,
                 last_backward: list[tuple[float, float]]) -> tuple[float, float, float]:
     """When pipeline rank r is done with the step: gradient reduction over dp, behind each chunk's last
-    backward (bucket by bucket: it starts with the pass and its last bucket leaves when the pass ends),
-    then the optimizer, then ZeRO-1/2's gather of the updated weights. Returns (end, exposed comm, optimizer)."""
-    lay, c, m = job.layout, job.cluster, job.model
+    backward (bucket by bucket, or FSDP unit by unit: it starts with the pass and its last bucket
+    leaves when the pass ends; under ZeRO-3 it also waits for that pass's own gathers on the network),
+    then the optimizer, then ZeRO-1's gather of the updated weights (ZeRO-2/3 gather them in the next
+    forwards, `pass_seconds`). Returns (end, exposed comm, optimizer)."""
+    lay, c = job.layout, job.cluster
     params, group, d = costs.rank_parameters(r), dp_group(job, r), lay.dp
     comm_free = 0.0
-    if lay.zero in (0, 1, 2) and d > 1:
+    grad = 2 if job.grad_reduce_dtype == "bf16" else 4
+    if d > 1:
         op = Collective.ALL_REDUCE if lay.zero == 0 else Collective.REDUCE_SCATTER
-        share = collective_seconds(c, op, params / lay.chunks * 4, group)  # fp32 gradients
-        buckets = m.layers // (lay.pp * lay.chunks)
-        for start, end in sorted(last_backward, key=lambda se: se[1]):
+        for ch, (start, end) in sorted(enumerate(last_backward), key=lambda x: x[1][1]):
+            stage = virtual_stage(r, ch, lay.pp)
+            chunk_params, layers = costs.stage_parameters(stage), max(1, costs.stage_layers(stage))
+            share = collective_seconds(c, op, chunk_params * grad, group)
             begin = max(comm_free, start)
-            comm_free = max(begin + share, end + share / buckets)
+            if lay.zero == 3:  # the reduce-scatters queue behind this backward's own gathers on the network
+                begin += collective_seconds(c, Collective.ALL_GATHER, chunk_params * job.activation_bytes, group)
+            comm_free = max(begin + share, end + share / layers)
     grads_done = max(finish, comm_free)
     opt = params / (d if lay.zero else 1) * ADAM_BYTES_PER_PARAMETER / c.device.copy_bytes_per_s
-    after = collective_seconds(c, Collective.ALL_GATHER, params * 2, group) if lay.zero in (1, 2) and d > 1 else 0.0
+    weights = 4 if job.recipe.fp32_weights else 2
+    after = collective_seconds(c, Collective.ALL_GATHER, params * weights, group) if lay.zero == 1 and d > 1 else 0.0
     return grads_done + opt + after, grads_done - finish + after, opt
 
 

@@ -133,3 +133,30 @@ def test_bad_layouts_name_the_flag(flags, match):
         return
     with pytest.raises(ConfigError, match=match):
         check_job(SMALL, gpus, batch, lay)
+
+
+def test_fsdp_pass_by_hand():
+    """Two streams, one layer of prefetch: a comm-bound pass is its gathers plus one layer's compute,
+    a compute-bound one its compute plus the root's and the first layer's gathers."""
+    from megaloom.perf.simulator import fsdp_pass_seconds
+
+    # gathers 3 s a layer, compute 1 s: root gather 2, then 4 gathers back to back, the last layer after
+    assert fsdp_pass_seconds(4, 1.0, 0.5, 3.0, 2.0) == pytest.approx(2 + 4 * 3 + 1)
+    # compute 5 s a layer, gathers 1 s: only the root's and the first layer's gathers are exposed
+    assert fsdp_pass_seconds(4, 5.0, 0.5, 1.0, 2.0) == pytest.approx(2 + 1 + 4 * 5)
+
+
+def test_zero3_on_a_slow_network_is_communication_bound():
+    """GPT-3 175B at d = 1536 over 10 Gb/s NICs: every layer's gather (3.6 GB of bf16 weights) takes
+    far longer than its compute, so forward and backward each take at least the sum of the gathers."""
+    from megaloom.perf.collectives import Collective, collective_seconds
+
+    gpt3 = ModelConfig(family="gpt2", layers=96, hidden=12288, heads=96, vocab_size=51200, seq_len=2048)
+    slow = load_cluster("dgx-a100", nic_gbps=10.0)
+    j = Job(gpt3, slow, 1536, 1536, Layout(1, 1, 1536, 1, 1, "full", 3), MEGATRON_2021)
+    costs = StageCosts(j)
+    gather = collective_seconds(slow, Collective.ALL_GATHER, costs.layer_rank_parameters * 2, dp_group(j, 0))
+    sim = simulate_job(j)
+    assert gather > 3 * costs.layer.backward
+    assert sim.step_time >= 2 * 96 * gather
+    assert sim.step_time > 1.5 * 96 * (costs.layer.forward + costs.layer.backward)
