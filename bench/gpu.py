@@ -10,7 +10,7 @@ micro-batch 8), V = 50,304, bf16 autocast, random tokens:
 - activation recomputation: activation bytes per layer (measured two ways) against Korthikanti et al.,
   step time per mode, and the largest micro-batch that fits for none / selective / full.
 
-Timing follows /work/.library/device/METHOD.md: warm-up steps first (compilation stays out), CUDA
+Timing follows the device library's METHOD.md: warm-up steps first (compilation stays out), CUDA
 events around every step with one synchronisation at the end (no host sync inside the loop), median
 over the measured steps. `--device cpu --tiny` runs every section at toy sizes in seconds (used by
 tests/unit/test_bench.py); its numbers say nothing about GPUs. `--append bench/RESULTS.md` records the

@@ -26,7 +26,8 @@ TABLE_1 = [
     (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163, 52), (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163, 52),
 ]
 
-# /work/shared/MEASURED.md: one H100 SXM, plain PyTorch eager (bf16 autocast, fused AdamW, SDPA).
+# The H100 measurements of 2026-11-24 (bench/RESULTS.md): one H100 SXM, plain PyTorch eager (bf16
+# autocast, fused AdamW, SDPA).
 MEASURED = [("GPT-2 124M", 12, 768, 12, 32, 1024, 99.5, 30.4), ("GPT 1.3B", 24, 2048, 16, 8, 2048, 309.4, 53.6)]
 
 

@@ -108,11 +108,7 @@ def simulate_config(cfg: Config, gpus: int, cluster: str = "dgx-h100") -> dict:
     recipe: fp32 weights under autocast)."""
     from megaloom.perf.simulator import simulate_job
 
-    p, t = cfg.parallel, cfg.train
-    layout = Layout(p.tp, p.pp, gpus // (p.tp * p.pp), t.micro_batch, p.chunks, t.recompute, p.zero,
-                    p.sequence_parallel, p.schedule if p.pp > 1 else "", tuple(p.layers_per_stage))
-    job = Job(cfg.model, load_cluster(cluster), gpus, t.global_batch, layout, RECIPES["eager"], t.precision,
-              p.grad_reduce_dtype)
+    job = Job.from_config(cfg, load_cluster(cluster), gpus)
     return simulate_job(job).report()
 
 

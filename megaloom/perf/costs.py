@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
-from megaloom.config import ConfigError, ModelConfig
+from megaloom.config import Config, ConfigError, ModelConfig
 from megaloom.layout import FLAG_NAMES, LayoutSpec, ScheduleKind, check_layout
 from megaloom.parallel.schedules import build_schedule, in_flight
 from megaloom.perf import flops, memory
@@ -73,8 +73,9 @@ MEGATRON = Recipe("megatron", True, 10, 24, 2, 22, 0, 4, 60, 10, None)
 # with the 5·a·s/h term in memory and the batched score GEMMs and fused softmax in time.
 MEGATRON_2021 = Recipe("megatron-2021", False, 10, 24, 2, 22, 0, 4, 60, 10, None)
 
-# The plain-PyTorch nanoGPT program of /work/shared/MEASURED.md: fp32 weights under bf16 autocast, the
-# residual stream and LayerNorms in fp32, SDPA flash attention, GeLU-tanh as its own kernel.
+# The plain-PyTorch nanoGPT program of the H100 measurements of 2026-11-24 (bench/RESULTS.md):
+# fp32 weights under bf16 autocast, the residual stream and LayerNorms in fp32, SDPA flash attention,
+# GeLU-tanh as its own kernel.
 # Kept per layer: LayerNorm inputs 2 x 4h (fp32) and their bf16 casts 2 x 2h = 12h outside the heads;
 # qkv 6h, attention output 2h and its contiguous copy 2h, GeLU input and output 2 x 8h = 26h inside.
 # Forward traffic: 2 x (LayerNorm 8h + cast 6h + residual add 10h) = 48h; the transpose copy 4h;
@@ -131,6 +132,17 @@ class Job:
     recipe: Recipe = MEGATRON
     precision: str = "bf16"  # train.precision: the dtype of activations, p2p and ZeRO-2/3 gathers (fp32: 4 bytes)
     grad_reduce_dtype: str = "fp32"  # parallel.grad_reduce_dtype: the data-parallel gradient reduction's dtype
+
+    @classmethod
+    def from_config(cls, cfg: Config, cluster: Cluster, gpus: int | None = None) -> Job:
+        """A training config as megaloom runs it: its model, layout (parallel.*, train.micro_batch,
+        train.recompute), precision, and megaloom's own program (the eager recipe: fp32 weights under
+        autocast). `gpus` defaults to t·p·d."""
+        p, t = cfg.parallel, cfg.train
+        gpus = gpus or p.tp * p.pp * p.dp
+        layout = Layout(p.tp, p.pp, gpus // (p.tp * p.pp), t.micro_batch, p.chunks, t.recompute, p.zero,
+                        p.sequence_parallel, p.schedule if p.pp > 1 else "", tuple(p.layers_per_stage))
+        return cls(cfg.model, cluster, gpus, t.global_batch, layout, EAGER, t.precision, p.grad_reduce_dtype)
 
     @property
     def activation_bytes(self) -> int:
@@ -377,6 +389,13 @@ class StageCosts:
         sbh = lay.microbatch * m.seq_len * m.hidden
         split = lay.tp if lay.sequence_parallel else 1
         return sbh * (r.act_replicated / split + r.act_parallel / lay.tp)
+
+    def peak_memory(self) -> tuple[float, float, float]:
+        """(model state, activations, total) of the pipeline rank with the highest peak, holding the
+        schedule's peak number of microbatch-chunks."""
+        lay = self.job.layout
+        return max((self.memory_bytes(r, peak_in_flight(lay.schedule_kind, lay.pp, self.job.microbatches, lay.chunks, r))
+                    for r in range(lay.pp)), key=lambda x: x[2])
 
     def memory_bytes(self, rank: int, in_flight: int) -> tuple[float, float, float]:
         """(model state, activations, total peak) of pipeline rank `rank` holding `in_flight` microbatch-chunks."""

@@ -16,7 +16,7 @@ The GEMM model (`gemm_seconds`) is a roofline with tile and wave quantization:
 - depth(k) = k / (k + K_OVERHEAD): every tile pays a prologue/epilogue worth about K_OVERHEAD of
   reduction depth, so thin-k GEMMs (e.g. the second MLP GEMM under wide tensor parallelism) lose
   efficiency. K_OVERHEAD = 256 is an assumption, not a measurement.
-- E is calibrated from the one GEMM measured on the lent H100 (/work/shared/MEASURED.md, recorded in
+- E is calibrated from the one GEMM measured on the lent H100 (2026-11-24; bench/RESULTS.md,
   docs/planner.md): bf16 8192 x 8192 x 8192 at 777.8 TFLOP/s. The same E is used for every device;
   the A100, H200 and B200 figures are therefore extrapolations until someone measures them.
 - Memory-bound work moves bytes at COPY_FRACTION of the data-sheet HBM bandwidth, calibrated from

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from megaloom.config import Config
 from megaloom.model import count_parameters
 from megaloom.perf import flops, memory
+from megaloom.perf.cluster import load_cluster
+from megaloom.perf.costs import EAGER, Job, StageCosts
 
 GIB = 2**30
 
@@ -14,8 +18,11 @@ def info_report(cfg: Config, recompute: str = "none") -> dict:
     l, h, a, s, V = m.layers, m.hidden, m.heads, m.seq_len, m.vocab_size
     actual = count_parameters(m)
     is_paper_arch = m.family == "gpt2" and m.ffn == 4 * h
-    mem = memory.estimate(actual, l, s, t.micro_batch, h, a, recompute=recompute, zero=cfg.parallel.zero,
-                          d=cfg.parallel.dp)
+    # one memory model for `info`, `simulate` and `plan`: the planner's, for megaloom's own program
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, recompute=recompute))
+    job = Job.from_config(cfg, load_cluster("dgx-h100"))
+    costs = StageCosts(job)
+    state, act, total = costs.peak_memory()
     step_tokens = t.global_batch * s
     return {
         "model": {"family": m.family, "layers": l, "hidden": h, "heads": a, "kv_heads": m.n_kv_heads,
@@ -34,15 +41,15 @@ def info_report(cfg: Config, recompute: str = "none") -> dict:
                                        if is_paper_arch else None),
             "global_batch_tokens": step_tokens,
         },
-        "memory": {
+        "memory": {  # per GPU of the config's layout, the pipeline rank with the highest peak
             "micro_batch": t.micro_batch,
             "recompute": recompute,
-            "state_bytes_per_parameter": memory.state_bytes_per_parameter(cfg.parallel.zero, cfg.parallel.dp),
-            "state_gib": mem.state_bytes / GIB,
-            "activations_per_layer_gib": memory.activation_bytes_per_layer(s, t.micro_batch, h, a,
-                                                                           recompute=recompute) / GIB,
-            "activations_gib": mem.activation_bytes / GIB,
-            "total_gib": mem.total_bytes / GIB,
+            "state_bytes_per_parameter": memory.state_bytes_per_parameter(cfg.parallel.zero, cfg.parallel.dp,
+                                                                          EAGER.fp32_weights),
+            "state_gib": state / GIB,
+            "activations_per_layer_gib": costs.activation_bytes_per_layer() / GIB,
+            "activations_gib": act / GIB,
+            "total_gib": total / GIB,
         },
     }
 
@@ -68,7 +75,8 @@ def render_info(r: dict) -> str:
         f"memory       {mem['state_gib']:,.2f} GiB weights + gradients + Adam state "
         f"({mem['state_bytes_per_parameter']:g} B/parameter)",
         f"             {mem['activations_gib']:,.2f} GiB activations at micro-batch {mem['micro_batch']}, "
-        f"recompute={mem['recompute']} ({mem['activations_per_layer_gib']:,.3f} GiB per layer, Korthikanti et al. 2022)",
-        f"             {mem['total_gib']:,.2f} GiB total on one device, before fragmentation and workspace",
+        f"recompute={mem['recompute']} ({mem['activations_per_layer_gib']:,.3f} GiB per layer and micro-batch)",
+        f"             {mem['total_gib']:,.2f} GiB peak per GPU, before fragmentation and workspace (the planner's "
+        f"model of megaloom's program, as `megaloom simulate --config ... --recipe eager`)",
     ]
     return "\n".join(lines)

@@ -94,3 +94,17 @@ def test_data_prepare_refuses_other_settings_in_same_dir(tiny_corpus, capsys):
     args[args.index("data.vocab_size=512")] = "data.vocab_size=600"
     assert main(["data", "prepare", *args]) == 2
     assert "data.dir" in capsys.readouterr().err
+
+
+def test_info_and_simulate_share_one_memory_model(capsys):
+    """`info` reports the planner's memory of megaloom's own program at the config's layout: the
+    figure `simulate --recipe eager` gives for the same config (and close to MEASURED.md's 53.6 GiB
+    for plain PyTorch eager at 8 x 2048 on an H100)."""
+    assert main(["info", "configs/gpt-1.3b.toml", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["memory"]
+    assert main(["simulate", "--config", "configs/gpt-1.3b.toml", "--gpus", "1", "--microbatch", "8",
+                 "--recipe", "eager", "--json"]) == 0
+    sim = json.loads(capsys.readouterr().out)
+    assert info["total_gib"] == pytest.approx(sim["memory_per_gpu_gib"])
+    assert info["activations_gib"] == pytest.approx(sim["memory_activations_gib"])
+    assert info["total_gib"] == pytest.approx(53.6, rel=0.05)
