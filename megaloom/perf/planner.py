@@ -131,7 +131,8 @@ class Planner:
                 tail, exposed, opt = end - pipeline, e, o
         step = pipeline + tail + global_sync_seconds(job)
         tp = m * sum(costs.chunk(s).tp_comm for s in range(p * v)) / p
-        breakdown = {"compute": m * heaviest - tp, "tp_comm": tp, "pipeline_bubble": pipeline - m * heaviest,
+        breakdown = {"compute": m * heaviest - tp, "tp_comm": tp, "pp_p2p_exposed": (p - 1) * 2 * c,
+                     "pipeline_bubble": pipeline - m * heaviest - (p - 1) * 2 * c,
                      "dp_comm_exposed": exposed, "optimizer": opt}
         return Estimate(lay, step, self.memory(lay), breakdown)
 
@@ -157,6 +158,12 @@ class Planner:
         return sims[:top]
 
 
+STEP_PARTS = {"compute": "compute", "tp_comm": "tp collectives", "pp_p2p_exposed": "exposed pp p2p",
+              "pipeline_bubble": "bubble", "zero_gather_exposed": "exposed ZeRO gathers",
+              "dp_comm_exposed": "exposed dp reduction", "optimizer": "optimizer",
+              "global_sync": "embedding sum and scalars"}
+
+
 def explain(sims: list[Simulation]) -> list[str]:
     """Plain words: why the winner beats each runner-up."""
     if not sims:
@@ -164,7 +171,9 @@ def explain(sims: list[Simulation]) -> list[str]:
     best = sims[0]
     lines = [f"#1 {best.job.layout}: {best.step_time:.3f} s per step, "
              f"{best.report()['model_tflops_per_gpu']:.0f} TFLOP/s per GPU (MFU {best.report()['mfu']:.1%}), "
-             f"{best.memory_per_gpu / GIB:.1f} GiB per GPU"]
+             f"{best.memory_per_gpu / GIB:.1f} GiB per GPU",
+             "   its step: " + ", ".join(f"{STEP_PARTS[k]} {v:.3f} s ({v / best.step_time:.0%})"
+                                         for k, v in best.breakdown.items() if k in STEP_PARTS)]
     for i, other in enumerate(sims[1:], start=2):
         diff = [f"{name}={getattr(other.job.layout, name)} (not {getattr(best.job.layout, name)})" for name in FIELDS
                 if getattr(other.job.layout, name) != getattr(best.job.layout, name)]

@@ -194,15 +194,16 @@ class PipelineRun:
     last_backward: dict[int, tuple[float, float]]  # per virtual stage: (start, end) of its last B or W
 
 
-def run_pipeline(job: Job, costs: StageCosts) -> PipelineRun:
-    """Walk every rank's lowered action list in order, each action as early as its rank and its inputs allow."""
+def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> PipelineRun:
+    """Walk every rank's lowered action list in order, each action as early as its rank and its inputs
+    allow. `with_p2p=False`: transfers take no time (to tell exposed p2p from the bubble)."""
     lay = job.layout
     p, v = lay.pp, lay.chunks
     schedule, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
     durations = [[pass_seconds(job, costs, s, code) for code in (_F, _B, _I, _W)] for s in range(p * v)]
     p2p = {}
     for s in range(p * v - 1):  # the time a transfer between stages s and s+1 takes, both ways
-        p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 else 0.0
+        p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 and with_p2p else 0.0
     arrivals: dict[int, float] = {}
     clock, busy, pos = [0.0] * p, [0.0] * p, [0] * p
     spans: list[tuple[int, float, float, int, int, int]] = []
@@ -320,24 +321,32 @@ def simulate_job(job: Job) -> Simulation:
     busy, clock, peak, last_backward = run.busy, run.finish, run.peak_in_flight, run.last_backward
     pipeline_time = max(clock)
     p, v = lay.pp, lay.chunks
-    ends, dp_exposed, opt_time = [], 0.0, 0.0
+    ends, opts = [], []
     for r in range(p):
-        end, exposed, opt = finish_step(job, costs, r, clock[r],
-                                        [last_backward[virtual_stage(r, ch, p)] for ch in range(v)])
+        end, _, opt = finish_step(job, costs, r, clock[r], [last_backward[virtual_stage(r, ch, p)] for ch in range(v)])
         ends.append(end)
-        if end - clock[r] > dp_exposed + opt_time:
-            dp_exposed, opt_time = exposed, opt
-    step = max(ends) + global_sync_seconds(job)
+        opts.append(opt)
+    last = max(range(p), key=lambda r: ends[r])  # the rank that finishes the step decides its tail
+    opt_time = opts[last]
+    dp_exposed = max(0.0, ends[last] - pipeline_time - opt_time)
+    sync = global_sync_seconds(job)
+    step = max(ends) + sync
     memory_by_rank = tuple(costs.memory_bytes(r, peak[r]) for r in range(p))
+    no_wire = max(run_pipeline(job, costs, with_p2p=False).finish) if p > 1 else pipeline_time
+    busiest = max(range(p), key=lambda r: busy[r])
+    compute = sum(costs.chunk(s).forward + costs.chunk(s).backward for s in range(busiest, p * v, p)) * job.microbatches
     by_stage = communication_by_stage(job, costs)
     comm = {k: max(st[k] for st in by_stage) for k in ("tp", "pp", "dp")}
     mean = sum(costs.chunk(s).tp_comm for s in range(p * v)) / p * job.microbatches
     breakdown = {
-        "compute": max(busy) - mean,
+        "compute": compute - mean,
         "tp_comm": mean,
-        "pipeline_bubble": pipeline_time - max(busy),
+        "zero_gather_exposed": max(busy) - compute,  # ZeRO-2/3 gathers compute could not hide
+        "pp_p2p_exposed": max(0.0, pipeline_time - no_wire),
+        "pipeline_bubble": min(no_wire, pipeline_time) - max(busy),
         "dp_comm_exposed": dp_exposed,
         "optimizer": opt_time,
+        "global_sync": sync,  # the tied embedding's sum over first and last stage, the step's scalars
     }
     return Simulation(job, step, pipeline_time, tuple(busy), run.spans, memory_by_rank, comm, breakdown, costs,
                       list(peak), by_stage)

@@ -50,6 +50,20 @@ def test_plan_text_explains(capsys):
     assert main(["plan", *MODEL, "--gpus", "8", "--global-batch", "64", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "#2 differs in" in out and "slower" in out
+    step = next(line for line in out.splitlines() if line.strip().startswith("its step:"))
+    for part in ("compute", "tp collectives", "exposed pp p2p", "bubble", "exposed ZeRO gathers",
+                 "exposed dp reduction", "optimizer"):
+        assert part in step, part
+
+
+def test_breakdown_adds_up_to_the_step(capsys):
+    """compute + tp + exposed ZeRO gathers + exposed p2p + bubble + exposed dp + optimizer + the
+    tied embedding's sum and the scalars = the step."""
+    assert main(["simulate", *MODEL, "--gpus", "16", "--tp", "2", "--pp", "4", "--global-batch", "64",
+                 "--chunks", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["time_breakdown_s"]["pp_p2p_exposed"] > 0 and r["time_breakdown_s"]["pipeline_bubble"] > 0
+    assert sum(r["time_breakdown_s"].values()) == pytest.approx(r["step_time_s"], rel=1e-9)
 
 
 @pytest.mark.parametrize("args,match", [
