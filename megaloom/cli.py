@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="PNG", help="also draw the timeline to this PNG")
     p.set_defaults(func=cmd_schedule)
 
-    from megaloom.perf.commands import add_plan_args, add_simulate_args
+    from megaloom.perf.commands import add_calibrate_args, add_plan_args, add_simulate_args
 
     p = verbs.add_parser("simulate", help="predict step time, throughput, MFU and memory of one layout on a cluster",
                          description="Simulate one training step of a layout (t, p, d, b, v, recompute, ZeRO, "
@@ -276,7 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "winner against the runners-up (docs/planner.md).")
     add_plan_args(p)
     p.set_defaults(func=cmd_plan)
+
+    p = verbs.add_parser("calibrate", help="measure this machine's GEMMs, memory and links into a cluster file",
+                         description="Measure the GEMM shapes the planner times, the copy bandwidth and (under "
+                                     "torchrun) the collectives over the launched processes, and write a cluster "
+                                     "TOML that `simulate` and `plan` take as --cluster (docs/planner.md).")
+    add_calibrate_args(p)
+    p.set_defaults(func=cmd_calibrate)
     return parser
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from megaloom.perf.commands import calibrate_command
+
+    return calibrate_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,8 +68,13 @@ class Cluster:
     intra_efficiency: float = field(default=0.8, metadata={"help": "achieved / link bandwidth inside a node"})
     nic_efficiency: float = field(default=0.9, metadata={"help": "achieved / link bandwidth on the network"})
 
+    measured: Device | None = field(default=None, metadata={"help": "[measured_device] table: written by "
+                                                                      "`megaloom calibrate` (gpu = \"measured\")"})
+
     @property
     def device(self) -> Device:
+        if self.measured is not None:
+            return self.measured
         d = lookup(self.gpu)
         assert d is not None  # checked when the cluster is built
         return d
@@ -106,6 +111,18 @@ class Cluster:
                 + (", SHARP" if self.sharp else ""))
 
 
+def _measured_device(t: dict, where: str) -> Device:
+    need = ("name", "peak_tflops", "memory_gib", "copy_gbps", "gemms")
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise ConfigError(f"{where}: [measured_device] lacks {', '.join(missing)}; rerun `megaloom calibrate`")
+    gemms = tuple((int(m), int(n), int(k), float(tf)) for m, n, k, tf in t["gemms"])
+    if not gemms or any(g[3] <= 0 for g in gemms):
+        raise ConfigError(f"{where}: [measured_device] gemms must be non-empty [m, n, k, TFLOP/s] rows with positive rates")
+    return Device(str(t["name"]), float(t["peak_tflops"]), 0.0, float(t["memory_gib"]), float(t["copy_gbps"]) / 1e3,
+                  (), 1, gemms, float(t["copy_gbps"]))
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
@@ -129,7 +146,9 @@ def load_cluster(name_or_file: str, **overrides: object) -> Cluster:
 
 def make_cluster(raw: dict, where: str = "cluster") -> Cluster:
     """Build and check a Cluster from plain values (a TOML table)."""
-    names = {f.name for f in dataclasses.fields(Cluster)}
+    raw = dict(raw)
+    measured = raw.pop("measured_device", None)
+    names = {f.name for f in dataclasses.fields(Cluster)} - {"measured"}
     for key in raw:
         if key not in names:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
@@ -143,8 +162,13 @@ def make_cluster(raw: dict, where: str = "cluster") -> Cluster:
         raise ConfigError(f"{where}: topology = {raw['topology']!r}; choose one of "
                           f"{', '.join(t.value for t in Topology)}") from None
     values["torus_dims"] = tuple(values.get("torus_dims", ()))
+    if (measured is None) != (raw.get("gpu") != "measured"):
+        raise ConfigError(f"{where}: gpu = \"measured\" and a [measured_device] table go together "
+                          f"(`megaloom calibrate` writes both)")
+    if measured is not None:
+        values["measured"] = _measured_device(measured, where)
     c = Cluster(**values)
-    if lookup(c.gpu) is None:
+    if c.measured is None and lookup(c.gpu) is None:
         raise ConfigError(f"{where}: gpu = {c.gpu!r} is not in the catalogue; choose one of "
                           f"{', '.join(d.name for d in CATALOGUE)}")
     if c.intra_node not in ("nvswitch", "nvlink", "pcie"):

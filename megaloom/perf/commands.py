@@ -186,3 +186,49 @@ def render(r: dict, short: bool = False) -> str:
         f"(peak {r['memory_per_gpu_gib']:.1f} of {r['memory_capacity_gib']:g} GB)",
         "traffic   " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in c.items()) + " per GPU per step",
     ])
+
+
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="TOML", help="cluster file to write (then: --cluster TOML)")
+    p.add_argument("--config", metavar="FILE", help="model whose GEMM shapes to measure (default configs/debug.toml "
+                   "built in: the default model)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed repetitions per figure (median)")
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """Measure this machine (under torchrun: and its links) and write a cluster file."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    from megaloom.perf.calibrate import calibrate
+
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats ({args.repeats}) must be >= 1")
+    cfg = load_config(args.config, args.set)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: directory {out.parent} does not exist")
+    if world > 1 and not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    command = "megaloom " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("megaloom", "__main__.py")) else \
+        "megaloom calibrate --out " + args.out
+    measured = calibrate(out, cfg, command, args.repeats)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        links = measured["links"].get("all_reduce")
+        print(f"wrote {out}: {measured['device']}, {len(measured['gemms'])} GEMM shapes "
+              f"({min(g[3] for g in measured['gemms']):.3g}-{max(g[3] for g in measured['gemms']):.3g} TFLOP/s), "
+              f"copy {measured['copy_gbps']:.1f} GB/s"
+              + (f", all-reduce alpha {links['alpha_us']:.1f} us beta {links['beta_gbs']:.2f} GB/s over "
+                 f"{measured['world']} processes" if links else ""))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

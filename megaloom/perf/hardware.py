@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from math import ceil
+from math import ceil, log
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,16 @@ class Device:
     memory_tbps: float  # HBM bandwidth, TB/s
     match: tuple[str, ...]  # substrings of torch.cuda.get_device_name() that identify it
     sms: int = 132  # streaming multiprocessors: one GEMM tile each at a time
+    # a device measured by `megaloom calibrate`: (m, n, k, achieved TFLOP/s) of GEMM shapes, and the
+    # achieved copy bandwidth (GB/s, read + written); the models below then use these figures
+    measured_gemms: tuple[tuple[int, int, int, float], ...] = ()
+    copy_gbps: float = 0.0
 
     @property
     def copy_bytes_per_s(self) -> float:
         """Bandwidth a memory-bound kernel achieves (bytes read + written per second)."""
+        if self.copy_gbps:
+            return self.copy_gbps * 1e9
         return self.memory_tbps * 1e12 * COPY_FRACTION
 
 
@@ -127,8 +133,12 @@ GEMM_EFFICIENCY, COPY_FRACTION = _calibrate()
 
 @lru_cache(maxsize=65536)
 def gemm_seconds(device: Device, m: int, n: int, k: int, batch: int = 1, bytes_per_element: int = 2) -> float:
-    """Predicted time of `batch` bf16 GEMMs C[m, n] = A[m, k] @ B[k, n] on `device`."""
+    """Predicted time of `batch` bf16 GEMMs C[m, n] = A[m, k] @ B[k, n] on `device`. On a measured
+    device: at the achieved rate of the nearest measured shape (log distance over m, n, k)."""
     flops = 2.0 * m * n * k * batch
+    if device.measured_gemms:
+        near = min(device.measured_gemms, key=lambda g: sum(log(g[i] / x) ** 2 for i, x in enumerate((m * batch, n, k))))
+        return flops / (near[3] * 1e12)
     rate = device.bf16_tflops * 1e12 * GEMM_EFFICIENCY * depth_efficiency(k) * wave_efficiency(m, n, device.sms, batch)
     traffic = bytes_per_element * batch * (m * k + k * n + m * n)
     return max(flops / rate, traffic / device.copy_bytes_per_s) + LAUNCH_SECONDS

@@ -1,0 +1,197 @@
+"""`megaloom calibrate`: measure the machine it runs on and write a cluster file the planner then uses.
+
+What the planner would otherwise take from a data sheet and an assumption, measured here:
+
+- GEMMs: the achieved FLOP/s of every GEMM shape the planner times for a model and layouts
+  (`--config`, over the tensor-parallel degrees that divide the world), in the compute dtype
+  (bf16 on a GPU, fp32 on a CPU, as megaloom trains there); the planner then times a GEMM at the
+  rate of the nearest measured shape (`hardware.gemm_seconds`).
+- Memory bandwidth: a large device-to-device copy (bytes read + written per second).
+- Collectives, when launched on several processes (torchrun): all-reduce, all-gather and a
+  point-to-point send over the whole world at sizes from 4 KiB to 16 MiB, each fitted by least
+  squares to the alpha-beta model the planner uses (`collectives.py`: ring all-reduce
+  2(n-1)·alpha + 2(n-1)/n·S/beta, ring all-gather (n-1)·alpha + (n-1)/n·S/beta, p2p alpha + S/beta);
+  the file gets the all-reduce's alpha and beta as the node's link (one node of n processes).
+
+Every figure in the file is a median of timed repetitions after warm-up, with the command, the
+device and the date written beside it. Nothing is fitted to a planner row.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaloom.config import Config
+
+SIZES = tuple(4096 * 4**i for i in range(6))  # 4 KiB .. 4 MiB per rank, fp32 elements of 4 bytes
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def planner_gemm_shapes(cfg: Config, tps: list[int]) -> list[tuple[int, int, int]]:
+    """(m, n, k) of every GEMM the planner times for one layer, the head, at micro-batch rows b·s,
+    for each tp: forward C[m, n] = A[m, k] @ B[k, n], input gradient (n and k swapped), weight gradient
+    (k x n from m rows)."""
+    from megaloom.perf.costs import _gemms
+
+    m, rows = cfg.model, cfg.train.micro_batch * cfg.model.seq_len
+    shapes = set()
+    for t in tps:
+        for n, k in _gemms(m, t) + [(m.vocab_size // t, m.hidden)]:
+            shapes |= {(rows, n, k), (rows, k, n), (k, n, rows)}
+    return sorted(shapes)
+
+
+def measure_gemms(shapes: list[tuple[int, int, int]], device: torch.device, dtype: torch.dtype,
+                  repeats: int = 5) -> list[tuple[int, int, int, float]]:
+    """(m, n, k, achieved TFLOP/s) of each shape."""
+    out = []
+    for m, n, k in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        seconds = _median_seconds(lambda a=a, b=b: a @ b, device, repeats)
+        out.append((m, n, k, 2.0 * m * n * k / seconds / 1e12))
+    return out
+
+
+def measure_copy(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes read + written per second by a device-to-device copy of `mib` MiB."""
+    src = torch.empty(mib * 2**20 // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * 4 / seconds
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of t = a + b·S over (S, t) points; a is kept >= 0."""
+    n = len(points)
+    mx = sum(s for s, _ in points) / n
+    my = sum(t for _, t in points) / n
+    sxx = sum((s - mx) ** 2 for s, _ in points)
+    slope = sum((s - mx) * (t - my) for s, t in points) / sxx
+    return max(0.0, my - slope * mx), slope
+
+
+def measure_collectives(device: torch.device, repeats: int = 5) -> dict[str, dict]:
+    """Per operation over the whole world: the measured (bytes, seconds) points and the alpha (s)
+    and beta (bytes/s) of the planner's formula fitted to them."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    out: dict[str, dict] = {}
+    for op in ("all_reduce", "all_gather", "p2p"):
+        points = []
+        for size in SIZES:
+            x = torch.ones(size // 4, device=device)
+            if op == "all_reduce":
+                fn = lambda x=x: dist.all_reduce(x)  # noqa: E731
+            elif op == "all_gather":
+                full = torch.empty(x.numel() * n, device=device)
+                fn = lambda x=x, full=full: dist.all_gather_into_tensor(full, x)  # noqa: E731
+            else:  # rank 0 -> 1, then back, so both time the same round trip
+                def fn(x=x):  # noqa: ANN202
+                    if rank == 0:
+                        dist.send(x, 1)
+                        dist.recv(x, 1)
+                    elif rank == 1:
+                        dist.recv(x, 0)
+                        dist.send(x, 0)
+            dist.barrier()
+            seconds = torch.tensor(_median_seconds(fn, device, repeats), device=device)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest rank finishes the collective
+            if op == "p2p":
+                seconds = seconds / 2  # one way of the round trip
+            full_bytes = size * n if op == "all_gather" else size
+            points.append((float(full_bytes), float(seconds)))
+        a, b = fit_line(points)
+        if op == "all_reduce":
+            alpha, beta = a / (2 * (n - 1)), 2 * (n - 1) / n / b
+        elif op == "all_gather":
+            alpha, beta = a / (n - 1), (n - 1) / n / b
+        else:
+            alpha, beta = a, 1 / b
+        out[op] = {"alpha_us": alpha * 1e6, "beta_gbs": beta / 1e9, "points": points}
+    return out
+
+
+def calibrate(out: Path, cfg: Config, command: str, repeats: int = 5) -> dict:
+    """Measure this machine (and, when a process group is up, the links between its processes) and
+    write a cluster TOML to `out` (on rank 0). Returns what was measured. Collective: every rank calls it."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tps = [t for t in (1, 2, 4, 8) if world % t == 0 and cfg.model.heads % t == 0]
+    gemms = measure_gemms(planner_gemm_shapes(cfg, tps), device, dtype, repeats)
+    copy = measure_copy(device, repeats=repeats)
+    links = measure_collectives(device, repeats) if world > 1 else {}
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, world))
+    measured = {"device": name, "world": world, "dtype": str(dtype).removeprefix("torch."), "gemms": gemms,
+                "copy_gbps": copy / 1e9, "memory_gib": memory / 2**30, "links": links}
+    if rank == 0:
+        out.write_text(render_cluster(measured, command), encoding="utf-8")
+    return measured
+
+
+def render_cluster(measured: dict, command: str) -> str:
+    """The cluster TOML of a measurement: one node of `world` processes on the measured device."""
+    today = datetime.date.today().isoformat()
+    links = measured["links"]
+    lines = [
+        f"# Written by `{command}` on {today}: {measured['device']}, {measured['world']} process(es),",
+        f"# {measured['dtype']} GEMMs. Every figure below was measured by that command (medians of timed",
+        "# repetitions after warm-up); see megaloom/perf/calibrate.py.",
+        'gpu = "measured"',
+        f"gpus_per_node = {measured['world']}",
+        'intra_node = "pcie"',
+    ]
+    if "all_reduce" in links:
+        ar = links["all_reduce"]
+        lines += [f"# all-reduce over {measured['world']} processes, fitted: alpha {ar['alpha_us']:.2f} us, "
+                  f"beta {ar['beta_gbs']:.3f} GB/s",
+                  f"intra_node_gbs = {ar['beta_gbs']:.6g}",
+                  f"intra_latency_us = {ar['alpha_us']:.6g}",
+                  "intra_efficiency = 1.0  # beta is the achieved bandwidth itself"]
+        for op in ("all_gather", "p2p"):
+            lines.append(f"# {op}: alpha {links[op]['alpha_us']:.2f} us, beta {links[op]['beta_gbs']:.3f} GB/s")
+    best = max(tf for *_, tf in measured["gemms"])
+    lines += [
+        "",
+        "[measured_device]",
+        f"name = {_toml_str(measured['device'])}",
+        f"peak_tflops = {best:.6g}  # the best measured GEMM rate stands for the peak",
+        f"memory_gib = {measured['memory_gib']:.6g}",
+        f"copy_gbps = {measured['copy_gbps']:.6g}",
+        "# [m, n, k, achieved TFLOP/s] of the GEMM shapes the planner times",
+        "gemms = [",
+        *(f"  [{m}, {n}, {k}, {tf:.6g}]," for m, n, k, tf in measured["gemms"]),
+        "]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'

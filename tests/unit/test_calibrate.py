@@ -1,0 +1,60 @@
+"""`megaloom calibrate`: what it measures is what the cluster file says and what the planner then uses."""
+
+import pytest
+import torch.distributed as dist
+
+from megaloom.cli import main
+from megaloom.config import load_config
+from megaloom.perf.calibrate import calibrate, fit_line, planner_gemm_shapes
+from megaloom.perf.cluster import load_cluster
+from megaloom.perf.collectives import Collective, collective_seconds
+from megaloom.perf.hardware import gemm_seconds
+
+from ..distributed.launch import run_workers
+
+TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.vocab_size=64", "model.seq_len=16",
+        "data.vocab_size=64", "train.micro_batch=2", "train.global_batch=2"]
+
+
+def test_fit_line_is_least_squares():
+    a, b = fit_line([(1.0, 3.0), (2.0, 5.0), (4.0, 9.0)])
+    assert (a, b) == pytest.approx((1.0, 2.0))
+
+
+def test_one_process_writes_the_gemms_it_measured(tmp_path, capsys):
+    out = tmp_path / "here.toml"
+    assert main(["calibrate", "--out", str(out), "--repeats", "1", *sum((["--set", s] for s in TINY), [])]) == 0
+    assert "wrote" in capsys.readouterr().out
+    c = load_cluster(str(out))
+    cfg = load_config(None, TINY)
+    assert [g[:3] for g in c.device.measured_gemms] == planner_gemm_shapes(cfg, [1])  # one process: t = 1 only
+    for m, n, k, tflops in c.device.measured_gemms:  # the planner times each at its measured rate
+        assert gemm_seconds(c.device, m, n, k) == pytest.approx(2 * m * n * k / (tflops * 1e12), rel=1e-5)
+    assert c.device.copy_bytes_per_s > 0 and c.gpus_per_node == 1
+
+
+def test_bad_measured_table_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('gpu = "measured"\ngpus_per_node = 1\n', encoding="utf-8")
+    with pytest.raises(Exception, match="measured_device"):
+        load_cluster(str(bad))
+
+
+def _links(rank, world, out):
+    calibrate(out, load_config(None, TINY), "megaloom calibrate (test)", repeats=2)
+    dist.barrier()
+
+
+def test_two_processes_fit_the_planner_formula(tmp_path):
+    """The fitted alpha and beta put into the planner's ring all-reduce formula give back the fitted line
+    a + b·S at every measured size: the file holds the measurement in the planner's own terms."""
+    out = tmp_path / "two.toml"
+    run_workers(_links, 2, out, timeout=120)
+    text = out.read_text(encoding="utf-8")
+    c = load_cluster(str(out))
+    assert c.gpus_per_node == 2 and c.intra_node_gbs > 0 and c.intra_latency_us >= 0 and c.intra_efficiency == 1.0
+    assert "all_gather: alpha" in text and "p2p: alpha" in text
+    alpha, beta = c.intra_latency_us * 1e-6, c.intra_node_gbs * 1e9
+    for size in (4096.0, 2**20):
+        assert collective_seconds(c, Collective.ALL_REDUCE, size, (0, 1)) == pytest.approx(
+            2 * alpha + size / beta, rel=1e-4)
