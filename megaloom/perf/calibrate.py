@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megaloom.config import Config
 
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch 2.13's name
 SIZES = tuple(4096 * 4**i for i in range(6))  # 4 KiB .. 4 MiB per rank, fp32 elements of 4 bytes
 
 
@@ -107,7 +108,7 @@ def measure_collectives(device: torch.device, repeats: int = 5) -> dict[str, dic
                 fn = lambda x=x: dist.all_reduce(x)  # noqa: E731
             elif op == "all_gather":
                 full = torch.empty(x.numel() * n, device=device)
-                fn = lambda x=x, full=full: dist.all_gather_into_tensor(full, x)  # noqa: E731
+                fn = lambda x=x, full=full: _all_gather(full, x)  # noqa: E731
             else:  # rank 0 -> 1, then back, so both time the same round trip
                 def fn(x=x):  # noqa: ANN202
                     if rank == 0:

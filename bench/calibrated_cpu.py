@@ -1,0 +1,68 @@
+"""Benchmark, run by hand: the planner with a cluster file `megaloom calibrate` wrote on this machine,
+against `megaloom train` on the same machine, 2 CPU processes, at (t, p, d) = (2, 1, 1) and (1, 2, 1).
+
+    .venv/bin/python -m bench.calibrated_cpu [--config configs/debug.toml] [--steps 12]
+
+It runs `torchrun --nproc_per_node 2 -m megaloom calibrate`, then for each layout `megaloom train` for
+--steps steps (the median step time of the steps after the first three, from metrics.jsonl's
+tokens_per_s; the parameter + gradient + optimizer bytes rank 0 holds) and `megaloom simulate --recipe
+eager --cluster` the calibrated file, and prints both side by side. A benchmark, not a test: wall
+clock on a shared machine varies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PY = sys.executable
+TORCHRUN = str(Path(PY).with_name("torchrun"))
+QUIET = ["--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "log.plot=false"]
+
+
+def _run(cmd: list[str]) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/debug.toml")
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="megaloom-bench-"))
+    cluster = work / "calibrated.toml"
+    _run([TORCHRUN, "--nproc_per_node", "2", "-m", "megaloom", "calibrate", "--out", str(cluster),
+          "--config", args.config])
+    print(f"cluster file: {cluster}")
+    print(f"{'layout':<10} {'measured s/step':>16} {'predicted':>10} {'ratio':>6} {'state MiB':>10} {'predicted':>10}")
+    for name, sets, flags in (("t2 p1 d1", ["parallel.tp=2"], ["--tp", "2"]),
+                              ("t1 p2 d1", ["parallel.pp=2"], ["--pp", "2"])):
+        run = work / name.replace(" ", "")
+        _run([TORCHRUN, "--nproc_per_node", "2", "-m", "megaloom", "train", args.config, "--run-dir", str(run),
+              "--set", f"train.steps={args.steps}", "--set", "log.every=1", *QUIET,
+              *[x for s in sets for x in ("--set", s)]])
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        cfg = json.loads(_run([PY, "-m", "megaloom", "info", args.config, "--json"]))
+        tokens = next(r["tokens"] for r in rows if r["step"] == 1)  # tokens of one step
+        measured = statistics.median(tokens / r["tokens_per_s"] for r in rows[3:])
+        mem = rows[-1]["memory"]
+        state = (mem["params_gib"] + mem["grads_gib"] + mem["optimizer_gib"]) * 1024
+        sim = json.loads(_run([PY, "-m", "megaloom", "simulate", "--config", args.config, "--cluster", str(cluster),
+                               "--gpus", "2", *flags, "--microbatch", str(cfg["memory"]["micro_batch"]),
+                               "--recipe", "eager", "--json"]))
+        print(f"{name:<10} {measured:>16.4f} {sim['step_time_s']:>10.4f} {sim['step_time_s'] / measured:>6.2f} "
+              f"{state:>10.4f} {sim['memory_state_gib'] * 1024:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
