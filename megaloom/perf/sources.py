@@ -1,0 +1,62 @@
+"""Where every constant of the planner's hardware, network and efficiency models comes from.
+
+Each entry: the constant (module.NAME, or cluster.<field> for a Cluster default) -> (kind, source).
+Kinds: `measured` (our own measurement: command, device, date), `datasheet`, `paper`, `derived`
+(computed from other entries or counted from the program modelled, as the comment beside the
+constant shows), and `assumed` — a value with no source yet, listed so it stays visible: each is
+what `megaloom calibrate` or a measurement on the hardware should replace. tests/unit/test_sources.py
+checks that every constant is here and lists the assumed ones.
+"""
+
+from __future__ import annotations
+
+MEASURED_H100 = "bench/RESULTS.md (lent H100 SXM, torch 2.11.0+cu130, 2026-11-24)"
+
+SOURCES: dict[str, tuple[str, str]] = {
+    # ------------------------------------------------------------ devices and kernels (hardware.py)
+    "hardware.CATALOGUE": ("datasheet", "NVIDIA A100 (2020), H100 (2022), H200 (2024) and HGX B200 data sheets: "
+                                        "dense bf16/fp8 peak, HBM capacity and bandwidth, SM count"),
+    "hardware.MEASURED_GEMM": ("measured", f"bf16 matmul 8192 x 8192 x 8192, 777.8 TFLOP/s; {MEASURED_H100}"),
+    "hardware.MEASURED_COPY": ("measured", f"device-to-device copy, 2,977 GB/s read + written; {MEASURED_H100}"),
+    "hardware.GEMM_EFFICIENCY": ("derived", "MEASURED_GEMM over the data-sheet peak, less the tile model's losses "
+                                            "(hardware._calibrate)"),
+    "hardware.COPY_FRACTION": ("derived", "MEASURED_COPY over the H100 data sheet's 3.35 TB/s"),
+    "hardware.TILES": ("assumed", "128 x 256 is the output tile of Hopper/Ampere bf16 cuBLAS/CUTLASS kernels; the "
+                                  "relative rates of the smaller tiles (0.9, 0.75) are not measured"),
+    "hardware.K_OVERHEAD": ("assumed", "a tile's prologue/epilogue cost, 256 in units of reduction depth"),
+    "hardware.LAUNCH_SECONDS": ("assumed", "4 us per kernel launch and ramp"),
+    # ------------------------------------------------------------ the programs modelled (costs.py, simulator.py)
+    "costs.MEGATRON": ("paper", "Korthikanti et al. 2022 §4.1 (10 + 24/t bytes of activations per s·b·h); kernel "
+                                "traffic counted from Megatron-LM's fused kernels (comment in costs.py)"),
+    "costs.MEGATRON_2021": ("paper", "as MEGATRON with the 5·a·s/h score term (Korthikanti et al. 2022 §4.1), as "
+                                     "Narayanan et al. 2021 ran"),
+    "costs.EAGER": ("derived", "counted from the plain-PyTorch program (comment in costs.py); peak memory within "
+                               f"3% of the 53.6 GiB measured for GPT 1.3B at 8 x 2048, {MEASURED_H100}"),
+    "costs.ATTENTION_FRACTION": ("assumed", "flash attention's achieved fraction of the dense peak, 0.4"),
+    "costs.USABLE_MEMORY": ("assumed", "0.92 of the device memory usable by tensors (CUDA context, NCCL buffers, "
+                                       "fragmentation take the rest)"),
+    "simulator.ADAM_BYTES_PER_PARAMETER": ("derived", "fused AdamW's reads (weight, gradient, m, v: 16 B) and "
+                                                      "writes (weight, m, v: 12 B) and the bf16 copy (2 B)"),
+    # ------------------------------------------------------------ networks (cluster.py defaults; presets say theirs)
+    "cluster.intra_node_gbs": ("datasheet", "A100 NVSwitch: 600 GB/s bidirectional per GPU (DGX A100 data sheet)"),
+    "cluster.nics_per_node": ("datasheet", "DGX A100/H100: 8 compute NICs (DGX data sheets)"),
+    "cluster.nic_gbps": ("datasheet", "HDR InfiniBand: 200 Gb/s per port (NVIDIA ConnectX-6 data sheet)"),
+    "cluster.levels": ("datasheet", "DGX SuperPOD reference architecture: fat-tree of leaf and spine (and core) "
+                                    "switches"),
+    "cluster.oversubscription": ("datasheet", "DGX SuperPOD reference architecture: non-blocking (1:1)"),
+    "cluster.nodes_per_leaf": ("datasheet", "a 64-port NDR leaf switch (NVIDIA QM9700) with 32 ports down, 32 up"),
+    "cluster.global_fraction": ("assumed", "dragonfly: half the injection bandwidth on global links"),
+    "cluster.hop_latency_us": ("assumed", "0.5 us per switch hop"),
+    "cluster.nic_latency_us": ("assumed", "5 us of software and NIC latency per message"),
+    "cluster.intra_latency_us": ("assumed", "2 us per NVLink/PCIe message; `megaloom calibrate` measures it"),
+    "cluster.intra_efficiency": ("assumed", "0.8 of the link bandwidth achieved inside a node; `megaloom "
+                                            "calibrate` measures the achieved bandwidth"),
+    "cluster.nic_efficiency": ("assumed", "0.9 of the link bandwidth achieved on the network"),
+}
+
+KINDS = ("measured", "datasheet", "paper", "derived", "assumed")
+
+
+def assumed() -> list[str]:
+    """The constants that still have no source: what a measurement should replace."""
+    return sorted(name for name, (kind, _) in SOURCES.items() if kind == "assumed")
