@@ -46,6 +46,25 @@ def table_1() -> None:
               f"{got / tflops - 1:+.1%} |")
 
 
+def table_1_free() -> None:
+    """The same rows with the search free over micro-batch and chunks, as a user runs `megaloom plan
+    --tp T --pp P --zero 0 --recompute full --recipe megatron-2021`."""
+    a100 = load_cluster("dgx-a100")
+    print("| params (B) | t | p | GPUs | batch | planner's b, v | published TFLOP/s | predicted | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    errors = []
+    for params, a, h, l, t, p, n, batch, tflops, _ in TABLE_1:
+        m = ModelConfig(family="gpt2", layers=l, hidden=h, heads=a, vocab_size=51200, seq_len=2048)
+        best = Planner(m, a100, n, batch, MEGATRON_2021).search({"tp": t, "pp": p, "recompute": "full", "zero": 0},
+                                                                top=1)[0]
+        r = best.report()
+        got = r["hardware_tflops_per_gpu"]
+        errors.append(got / tflops - 1)
+        print(f"| {params} | {t} | {p} | {n} | {batch} | {r['microbatch']}, {r['chunks']} | {tflops} | {got:.0f} | "
+              f"{errors[-1]:+.1%} |")
+    print(f"\nmean absolute error {sum(map(abs, errors)) / len(errors):.1%}, worst {max(errors, key=abs):+.1%}")
+
+
 def measured() -> None:
     h100 = load_cluster("dgx-h100")
     print("| model | b x s | measured ms/step | predicted | error | measured peak GiB | predicted | error |")
@@ -105,6 +124,8 @@ if __name__ == "__main__":
     measured()
     print()
     table_1()
+    print()
+    table_1_free()
     print()
     timelines()
     print()

@@ -58,6 +58,15 @@ class Recipe:
     state_at_peak: float | None  # bytes/parameter alive at the activation peak; None = all of it (ZeRO rule)
     weight_traffic: float = 0.0  # bytes per parameter and microbatch moved to cast weights and their gradients
     fp32_weights: bool = False  # fp32 weights and residual stream under autocast (megaloom's own program)
+    # what the program can do: sequence parallelism and selective recomputation came with Korthikanti
+    # et al. 2022, after the Megatron-LM paper's runs (Narayanan et al. 2021 had full recomputation only)
+    sequence_parallel: bool = True
+    selective_recompute: bool = True
+    # p2p overlapped with compute. Megatron-LM of the paper's time waited for every batch_isend_irecv
+    # and then called torch.cuda.synchronize() ("to protect against race condition when using
+    # batch_isend_irecv()", megatron/p2p_communication.py): a rank stood still while its activations
+    # and gradients crossed to the next stage
+    overlap_p2p: bool = True
 
 
 # Megatron-LM's GPT with fused kernels (bias-GeLU, bias-dropout-add, fused LayerNorm), bf16 activations,
@@ -71,7 +80,8 @@ MEGATRON = Recipe("megatron", True, 10, 24, 2, 22, 0, 4, 60, 10, None)
 
 # The same program as 2021's Megatron-LM ran it (the paper's runs): attention scores materialized,
 # with the 5·a·s/h term in memory and the batched score GEMMs and fused softmax in time.
-MEGATRON_2021 = Recipe("megatron-2021", False, 10, 24, 2, 22, 0, 4, 60, 10, None)
+MEGATRON_2021 = Recipe("megatron-2021", False, 10, 24, 2, 22, 0, 4, 60, 10, None,
+                       sequence_parallel=False, selective_recompute=False, overlap_p2p=False)
 
 # The plain-PyTorch nanoGPT program of the H100 measurements of 2026-11-24 (bench/RESULTS.md):
 # fp32 weights under bf16 autocast, the residual stream and LayerNorms in fp32, SDPA flash attention,

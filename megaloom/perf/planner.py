@@ -46,7 +46,8 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def layouts(model: ModelConfig, gpus: int, global_batch: int, fixed: dict | None = None):
+def layouts(model: ModelConfig, gpus: int, global_batch: int, fixed: dict | None = None,
+            recomputes: list[str] | tuple[str, ...] = RECOMPUTE):
     """Every valid layout, b ascending within each (t, p, v, recompute, zero, sp) so a caller can stop at
     the first microbatch that does not fit."""
     fixed = fixed or {}
@@ -64,7 +65,7 @@ def layouts(model: ModelConfig, gpus: int, global_batch: int, fixed: dict | None
             if global_batch % d or fixed.get("dp", d) != d:
                 continue
             for v in allowed("chunks", [x for x in divisors(model.layers // p) if x == 1 or p > 1]):
-                for rc in allowed("recompute", RECOMPUTE):
+                for rc in allowed("recompute", list(recomputes)):
                     for zero in allowed("zero", [0, 1] if p > 1 else [0, 1, 2, 3]):
                         if zero and d == 1:
                             continue
@@ -122,6 +123,8 @@ class Planner:
                                                                             if p > 2 else 0)) / p
         c = p2p_seconds(job, 0, 1) if p > 1 else 0.0
         pipeline = m * heaviest + (p - 1) * (mean / v + 2 * c)
+        if not self.recipe.overlap_p2p:  # every microbatch-chunk's two transfers stall the rank
+            pipeline += 2 * m * v * c
         tail, exposed, opt = 0.0, 0.0, 0.0
         for r, _, b in per_rank:
             chunk_b = b / v
@@ -140,7 +143,11 @@ class Planner:
         """The `top` fastest layouts that fit, simulated and ranked by simulated step time."""
         capacity = self.cluster.device.memory_gib * GIB * USABLE_MEMORY
         ranked: list[Estimate] = []
-        for group in layouts(self.model, self.gpus, self.global_batch, fixed):
+        fixed = dict(fixed or {})
+        if not self.recipe.sequence_parallel:  # what the modelled program cannot do is not searched
+            fixed.setdefault("sequence_parallel", False)
+        for group in layouts(self.model, self.gpus, self.global_batch, fixed,
+                             recomputes=[r for r in RECOMPUTE if r != "selective" or self.recipe.selective_recompute]):
             for lay in group:
                 if self.memory(lay) > capacity:
                     break  # a larger microbatch needs more memory still

@@ -205,6 +205,7 @@ def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> Pipeline
     for s in range(p * v - 1):  # the time a transfer between stages s and s+1 takes, both ways
         p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 and with_p2p else 0.0
     arrivals: dict[int, float] = {}
+    blocking = not job.recipe.overlap_p2p
     clock, busy, pos = [0.0] * p, [0.0] * p, [0] * p
     spans: list[tuple[int, float, float, int, int, int]] = []
     last_backward: dict[int, tuple[float, float]] = {}
@@ -222,6 +223,8 @@ def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> Pipeline
                     now = max(now, arrivals.pop(key))
                 elif code == _SEND:
                     arrivals[key] = now + p2p[min(stage, to)]
+                    if blocking:  # the sender waits for its transfer (Megatron-LM 2021: see Recipe)
+                        now = arrivals[key]
                 else:
                     d = durations[stage][code]
                     spans.append((r, now, now + d, code, mb, chunk))
