@@ -4,9 +4,10 @@ previous stage: the I pass) and dL/dW = dL/dyᵀ·x (needed by nobody until the 
 
 `WeightGradStore` is a `TorchFunctionMode`: inside it every `F.linear` of a model chunk's forward
 (plain `nn.Linear`, the column- and row-parallel linears) runs as `_deferred_linear`, which keeps its
-input and weight, exactly what autograd keeps anyway, saved before its GEMM runs (`_SaveInputs`). In the I pass its backward returns only dL/dx (and the
-bias gradient, a cheap sum) and stashes (x, dL/dy, W) for this micro-batch; the W pass (`flush`) then
-runs just the weight-gradient GEMMs from the stash and accumulates them into `.grad`. Nothing walks the
+input and weight, exactly what autograd keeps anyway, saved before its GEMM runs (`_SaveInputs`). In
+the I pass its backward returns only dL/dx (and the bias gradient, a cheap sum) and stashes (x, dL/dy,
+W) for this micro-batch; the W pass (`flush`) then runs just the weight-gradient GEMMs from the stash
+and accumulates them into `.grad`. Nothing walks the
 graph a second time, and the W pass issues no collective: the tensor-parallel collectives all sit on
 the dL/dx path. Numerics equal autograd's: the GEMMs run in the autocast dtype and the weight gradient
 is rounded to the parameter's dtype, as autograd's cast backward does.
