@@ -344,25 +344,11 @@ class StageCosts:
         split, whole = self.layer_split
         return split / self.job.layout.tp + whole
 
-    def rank_split(self, rank: int) -> tuple[float, float]:
-        """Parameters of pipeline rank `rank` as (split over tp, whole on every tp rank), per tp rank's
-        view before the split: the embedding is vocab-parallel, GPT-2's positions and the final norm are
-        whole; the last stage keeps a copy of the tied embedding (Megatron's, §2.2)."""
-        lay, m = self.job.layout, self.job.model
-        split, whole = (x * sum(self.rank_layers(rank)) for x in self.layer_split)
-        emb = m.vocab_size * m.hidden
-        if rank == 0:
-            split += emb
-            whole += m.seq_len * m.hidden if m.family == "gpt2" else 0
-        if rank == lay.pp - 1:
-            whole += 2 * m.hidden if m.family == "gpt2" else m.hidden
-            if m.family == "llama" or lay.pp > 1:
-                split += emb
-        return split, whole
-
-    def stage_parameters(self, stage: int) -> float:
-        """Parameters one tp rank holds for virtual stage `stage` (its layers, and the embedding on the
-        first stage, the final norm and the head or the tied embedding's copy on the last)."""
+    def stage_split(self, stage: int) -> tuple[float, float]:
+        """Parameters of virtual stage `stage` as (split over tp, whole on every tp rank), before the
+        split: its layers; the first stage adds the vocab-parallel embedding (and GPT-2's positions,
+        whole), the last the final norm (whole) and the head, or under pipelining GPT-2's copy of the
+        tied embedding (Megatron's, §2.2)."""
         lay, m = self.job.layout, self.job.model
         split, whole = (x * self.stage_layers(stage) for x in self.layer_split)
         emb = m.vocab_size * m.hidden
@@ -373,7 +359,18 @@ class StageCosts:
             whole += 2 * m.hidden if m.family == "gpt2" else m.hidden
             if m.family == "llama" or lay.pp > 1:
                 split += emb
-        return split / lay.tp + whole
+        return split, whole
+
+    def stage_parameters(self, stage: int) -> float:
+        """Parameters one tp rank holds for virtual stage `stage`."""
+        split, whole = self.stage_split(stage)
+        return split / self.job.layout.tp + whole
+
+    def rank_split(self, rank: int) -> tuple[float, float]:
+        """`stage_split` summed over the model chunks of pipeline rank `rank` (stages c·p + rank)."""
+        lay = self.job.layout
+        parts = [self.stage_split(c * lay.pp + rank) for c in range(lay.chunks)]
+        return sum(x for x, _ in parts), sum(y for _, y in parts)
 
     def rank_parameters(self, rank: int) -> float:
         """Parameters held by one tp rank of pipeline rank `rank`."""
