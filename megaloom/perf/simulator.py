@@ -110,6 +110,7 @@ class Simulation:
             "bubble_fraction": self.bubble_fraction,
             "memory_per_gpu_gib": self.memory_per_gpu / GIB,
             "memory_state_gib": state / GIB,
+            "memory_state_gib_per_stage": [st / GIB for st, _, _ in self.memory_by_rank],
             "memory_activations_gib": act / GIB,
             "memory_capacity_gib": dev.memory_gib,
             "fits": self.fits,

@@ -1,6 +1,7 @@
 """Measured = modelled: the bytes rank 0 sends in one training step at (t, p, d) = (2, 2, 2), by group
 (tp, pp, dp), equal `megaloom simulate`'s stage-0 prediction within 1%, and the parameter, gradient and
-optimizer-state bytes it holds equal the planner's `memory_state_gib` within 5%: with and without
+optimizer-state bytes it holds equal the planner's `memory_state_gib` within 5% (and every rank's its
+stage's `memory_state_gib_per_stage`): with and without
 sequence parallelism, ZeRO 0, 1 and 3, 1F1B and interleaved (chunks 2), configs/debug.toml at 4 layers.
 All layouts run in one launch of 8 gloo processes (one grid; `build_parallel_model` is reusable).
 On the way, when each chunk's data-parallel reduction starts is recorded: right after its last
@@ -50,7 +51,9 @@ def _measure(rank, world, out):
                 + optimizer_state_bytes(parts.optimizer))
         if parts.dp_buffer is not None and parts.dp_buffer.data.numel() > sum(p.numel() for p in params):
             held += tensor_bytes(parts.dp_buffer.data) - sum(p.numel() for p in params) * 4  # ZeRO-1's padding
-        results.append((sent, held))
+        every = [None] * world
+        dist.all_gather_object(every, held)  # each rank's state, for the per-stage comparison
+        results.append((sent, held, every))
         if launches is not None:
             _check_launches(launches, parts.runner.stats.trace, cfg.parallel.chunks)
         dist.barrier()
@@ -90,7 +93,7 @@ def test_rank0_bytes_equal_stage0_prediction(tmp_path):
     run_workers(_measure, 8, str(out), timeout=300)
     results = torch.load(out)
     failures = []
-    for lay, (sent, held) in zip(LAYOUTS, results):
+    for lay, (sent, held, every) in zip(LAYOUTS, results):
         cfg = load_config("configs/debug.toml", _overrides(**lay))
         report = simulate_config(cfg, gpus=8)
         stage0 = report["comm_bytes_per_stage"][0]
@@ -101,4 +104,8 @@ def test_rank0_bytes_equal_stage0_prediction(tmp_path):
         state = report["memory_state_gib"] * 2**30
         if held != pytest.approx(state, rel=0.05):
             failures.append(f"{lay} state: held {held} bytes, modelled {state:.0f}")
+        for rank, got in enumerate(every):  # every rank against its own stage (rank = pp·dp·tp + dp·tp + tp)
+            want = report["memory_state_gib_per_stage"][rank // 4] * 2**30
+            if got != pytest.approx(want, rel=0.05):
+                failures.append(f"{lay} rank {rank} state: held {got} bytes, modelled {want:.0f}")
     assert not failures, "\n".join(failures)
