@@ -17,9 +17,21 @@ from megaloom.model.dropout import LayoutDropout
 from megaloom.model.recompute import checkpoint
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and names) whose weight and bias follow the input's dtype. Under
+    ZeRO-2/3 with bf16 FSDP2 gathers them in bf16 while the residual stream stays fp32, and
+    F.layer_norm refuses an fp32 input with bf16 parameters (CPU) or runs it only for bf16 inputs
+    (CUDA); the norm then computes in fp32 with the gathered weights, as RMSNorm does already."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.family == "gpt2":
-        return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        return LayerNorm(cfg.hidden, eps=cfg.norm_eps)
     return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
 
 

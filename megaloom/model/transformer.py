@@ -28,7 +28,7 @@ class Embedding(nn.Module):
         self.drop = LayoutDropout(cfg.dropout, "embed.drop")
 
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        x = self.tok(tokens)
+        x = self.tok(tokens).float()  # the residual stream is fp32, also where FSDP gathers the table in bf16
         if self.pos is not None:
             x = x + self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
         return self.drop(x)

@@ -93,7 +93,7 @@ class ParallelEmbedding(nn.Module):
         self.drop = embed.drop
 
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        x = leave_tp(self.tok(tokens), self.tp)
+        x = leave_tp(self.tok(tokens).float(), self.tp)  # the residual stream is fp32 (FSDP may gather bf16)
         if self.pos is not None:
             T, offset = x.shape[1], start
             if self.tp.sequence_parallel:

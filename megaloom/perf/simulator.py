@@ -364,9 +364,11 @@ def communication_by_stage(job: Job, costs: StageCosts) -> list[dict[str, float]
     full tensor, a point-to-point send its own n.
 
     - tp: per layer and microbatch the two `g` all-reduces of forward and the two `f` of backward
-      (§3.2 of Narayanan et al.: 8·b·s·h·(t-1)/t values), two more under full recomputation, in the
-      activation dtype; sequence parallelism turns each into a reduce-scatter plus an all-gather, the
-      same bytes (Korthikanti et al. §4.2.2). The vocab-parallel embedding reduces its output
+      (§3.2 of Narayanan et al.: 8·b·s·h·(t-1)/t values), two more under full recomputation; `g`
+      carries the activation dtype (the row-parallel GEMM's output), `f` the residual stream's (its
+      input is the LayerNorm's output: fp32 in megaloom's program, bf16 in Megatron's); sequence
+      parallelism turns each into a reduce-scatter plus an all-gather, the same bytes (Korthikanti
+      et al. §4.2.2). The vocab-parallel embedding reduces its output
       (residual dtype; under sequence parallelism a reduce-scatter, and an all-gather of its
       gradient); the head's input gradient is reduced (or, under sequence parallelism, its input
       gathered and its gradient scattered); the vocab-parallel loss reduces three fp32 numbers per
@@ -399,7 +401,12 @@ def communication_by_stage(job: Job, costs: StageCosts) -> list[dict[str, float]
         sharded = d if lay.zero >= 2 else 1  # FSDP: each rank reduces its own shard of a gradient
         tp = 0.0
         if t > 1:
-            tp += (6 if lay.recompute == "full" else 4) * ar_t * bsh * act * layers * mb
+            # the `f` collectives (in front of the column-parallel GEMMs) carry the residual stream's
+            # dtype both ways, the `g` ones (behind the row-parallel GEMMs) the activation dtype
+            per_layer = 2 * ar_t * bsh * (resid + act)
+            if lay.recompute == "full":  # the forward again: g's all-reduces; under SP f's gathers too
+                per_layer += ar_t * bsh * (resid + act) if lay.sequence_parallel else 2 * ar_t * bsh * act
+            tp += per_layer * layers * mb
             if 0 in stages:
                 tp += (2 * half_t if lay.sequence_parallel else ar_t) * bsh * resid * mb
             if last in stages:

@@ -24,13 +24,15 @@ from .launch import run_workers
 
 LAYOUTS = [dict(sp=sp, zero=zero, schedule=schedule)
            for sp, zero, schedule in itertools.product((False, True), (0, 1, 3), ("1f1b", "interleaved"))]
+# and under bf16 autocast, where the wire, the layers' `g` collectives and FSDP's gathers are bf16
+LAYOUTS += [dict(sp=sp, zero=zero, schedule="interleaved", precision="bf16") for sp, zero in ((False, 0), (True, 3))]
 
 
-def _overrides(sp, zero, schedule):
+def _overrides(sp, zero, schedule, precision="fp32"):
     chunks = 2 if schedule == "interleaved" else 1
     return ["model.layers=4", "train.micro_batch=1", "parallel.tp=2", "parallel.pp=2", "parallel.dp=2",
             f"parallel.sequence_parallel={str(sp).lower()}", f"parallel.zero={zero}",
-            f"parallel.schedule={schedule}", f"parallel.chunks={chunks}"]
+            f"parallel.schedule={schedule}", f"parallel.chunks={chunks}", f"train.precision='{precision}'"]
 
 
 def _measure(rank, world, out):
@@ -44,7 +46,8 @@ def _measure(rank, world, out):
         gen = torch.Generator().manual_seed(grid.dp_rank)
         x = torch.randint(0, m.vocab_size, (t.global_batch // grid.dp, m.seq_len + 1), generator=gen)
         micro = list(zip(x[:, :-1].split(t.micro_batch), x[:, 1:].split(t.micro_batch)))
-        train_step(parts.model, parts.optimizer, micro, grad_clip=t.grad_clip, sync=parts.sync, pipeline=parts.runner)
+        train_step(parts.model, parts.optimizer, micro, precision=t.precision, grad_clip=t.grad_clip, sync=parts.sync,
+                   pipeline=parts.runner)
         sent = parts.take_comm_bytes()
         params = list(parts.model.parameters())
         held = (sum(tensor_bytes(p) for p in params) + sum(tensor_bytes(p.grad) for p in params if p.grad is not None)

@@ -2,6 +2,7 @@
 planner counts), gradients reduce-scattered in fp32 unless parallel.grad_reduce_dtype = "bf16", the
 sharded master weights stay fp32, and the run equals the single-process bf16 run."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -17,8 +18,8 @@ from .launch import run_workers
 STEPS = 4
 
 
-def _cfg(dp=1, zero=0):
-    return load_config(None, ["model.layers=2", "model.hidden=32", "model.heads=4", "model.vocab_size=64",
+def _cfg(dp=1, zero=0, family="llama"):
+    return load_config(None, [f"model.family='{family}'", "model.layers=2", "model.hidden=32", "model.heads=4", "model.vocab_size=64",
                               "model.seq_len=16", "train.global_batch=4", "train.micro_batch=1", "train.lr=0.003",
                               "data.vocab_size=64", "train.precision='bf16'", f"parallel.dp={dp}",
                               f"parallel.zero={zero}"])
@@ -37,14 +38,14 @@ def test_policy_dtypes():
     assert fsdp_precision("fp32", "fp32").param_dtype is None  # fp32 runs gather fp32
 
 
-def _worker(rank, world):
+def _worker(rank, world, family):
     torch.set_num_threads(1)
-    ref_cfg = _cfg()
+    ref_cfg = _cfg(family=family)
     ref = build_model(ref_cfg.model, ref_cfg.train.seed)
     opt = build_optimizer(ref, ref_cfg.train)
     ref_losses = [train_step(ref, opt, _batch(ref_cfg, s), precision="bf16").loss.item() for s in range(STEPS)]
     for zero in (2, 3):
-        cfg = _cfg(world, zero)
+        cfg = _cfg(world, zero, family)
         grid = ProcessGrid.build(1, 1, world, rank=rank, world_size=world, model=cfg.model)
         parts = setup_training(cfg, grid, torch.device("cpu"))
         seen = set()
@@ -63,5 +64,6 @@ def _worker(rank, world):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-2, atol=2e-2)
 
 
-def test_zero_gathers_bf16_and_equals_one_process():
-    run_workers(_worker, 2, timeout=120)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: LayerNorm with bf16-gathered weights, fp32 input
+def test_zero_gathers_bf16_and_equals_one_process(family):
+    run_workers(_worker, 2, family, timeout=120)
