@@ -13,8 +13,6 @@ Sources:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 
 def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False,
                                recompute: str = "none") -> float:
@@ -38,21 +36,3 @@ def state_bytes_per_parameter(zero: int = 0, d: int = 1, fp32_weights: bool = Fa
     if fp32_weights:
         return {0: 16.0, 1: 8 + 8 / d, 2: 16 / d, 3: 16 / d}[zero]
     return {0: 16.0, 1: 4 + 12 / d, 2: 2 + 14 / d, 3: 16 / d}[zero]
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    parameters: int
-    state_bytes: float
-    activation_bytes: float
-
-    @property
-    def total_bytes(self) -> float:
-        return self.state_bytes + self.activation_bytes
-
-
-def estimate(parameters: int, layers: int, s: int, b: int, h: int, a: int, recompute: str = "none",
-             zero: int = 0, d: int = 1) -> MemoryEstimate:
-    """Single-device (t = p = 1) training memory for micro-batch b."""
-    act = layers * activation_bytes_per_layer(s, b, h, a, recompute=recompute)
-    return MemoryEstimate(parameters, parameters * state_bytes_per_parameter(zero, d), act)
