@@ -137,10 +137,18 @@ def leave_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return _Conjugate.apply(x, tp, _all_reduce_copy, _identity)
 
 
+def counted_all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, counter: CommCounter,
+                       name: str = "all_reduce", op: dist.ReduceOp = dist.ReduceOp.SUM,
+                       size: int | None = None) -> torch.Tensor:
+    """`dist.all_reduce(x)` in place over `group` (None: every rank), its bytes counted in `counter` as
+    `name` (a ring all-reduce over `size` ranks, the group's size by default)."""
+    counter.add(name, x.numel() * x.element_size(), size or dist.get_world_size(group))
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
 def all_reduce_no_grad(x: torch.Tensor, tp: TPGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """An all-reduce outside autograd (loss statistics, gradient sync), counted like the others."""
     if tp.size == 1:
         return x
-    tp.counter.add("all_reduce", x.numel() * x.element_size(), tp.size)
-    dist.all_reduce(x, op=op, group=tp.group)
-    return x
+    return counted_all_reduce(x, tp.group, tp.counter, op=op, size=tp.size)

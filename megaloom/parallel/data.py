@@ -9,8 +9,9 @@ autograd per micro-batch and per model chunk, and synchronise only once per batc
 - Without pipelining the trainer arms the buffers before the *last* micro-batch's backward: a bucket
   whose gradients are all complete starts its asynchronous all-reduce at once, overlapping with the
   rest of the backward. Earlier micro-batches only accumulate. Under pipelining a bucket never spans
-  two model chunks (`units`), and each chunk is armed just before its own last backward of the step,
-  so its reduction overlaps with the rest of the schedule (Megatron's overlap with the cool-down);
+  two model chunks (`units`; a bucket knows its own), and each chunk is armed just before its own
+  last backward of the step, so its reduction overlaps with the rest of the schedule (Megatron's
+  overlap with the cool-down);
   whatever a hook did not start (zero-bubble's W pass accumulates without autograd hooks) starts
   right after that chunk's last B or W (`launch`). Buckets holding a `deferred` parameter (the tied
   embedding under ZeRO-1, which must be summed over the first and last stage before it is
@@ -55,6 +56,7 @@ class _Bucket:
     start: int
     end: int
     params: list[nn.Parameter]
+    unit: int = 0  # the pipeline chunk its parameters belong to
     pending: int = 0
     armed: bool = False
     work: dist.Work | None = None
@@ -77,15 +79,15 @@ class GradBuffer:
         # layers' gradients are ready first in backward
         mine = {id(p) for p in params}
         units = [[p for p in u if id(p) in mine] for u in units] if units else [params]
-        self._groups: list[list[nn.Parameter]] = []
+        self._groups: list[tuple[int, list[nn.Parameter]]] = []  # (unit, parameters) of each bucket
         limit = int(bucket_mb * 2**20 / 4)
-        for unit in reversed(units):
+        for u in reversed(range(len(units))):
             size = limit
-            for p in reversed(unit):
+            for p in reversed(units[u]):
                 if size >= limit:
-                    self._groups.append([])
+                    self._groups.append((u, []))
                     size = 0
-                self._groups[-1].append(p)
+                self._groups[-1][1].append(p)
                 size += p.numel()
         self._lay_out(pad=1)
         for p in params:
@@ -96,18 +98,18 @@ class GradBuffer:
         """Place the buckets in one flat buffer, each padded to a multiple of `pad`; point the gradients at it."""
         self.buckets, self._bucket_of, self.offset = [], {}, {}
         offset = 0
-        for group in self._groups:
+        for unit, group in self._groups:
             start = offset
             for p in group:
                 self.offset[id(p)] = offset
                 offset += p.numel()
             offset = start + -(-(offset - start) // pad) * pad
-            bucket = _Bucket(start, offset, group)
+            bucket = _Bucket(start, offset, group, unit)
             self.buckets.append(bucket)
             self._bucket_of.update((id(p), bucket) for p in group)
-        device = self._groups[0][0].device
+        device = self._groups[0][1][0].device
         self.data = torch.zeros(offset, device=device, dtype=torch.float32)
-        for group in self._groups:
+        for _, group in self._groups:
             for p in group:
                 o = self.offset[id(p)]
                 p.grad = self.data[o:o + p.numel()].view_as(p)
@@ -135,22 +137,19 @@ class GradBuffer:
         for b in self.buckets:
             b.pending, b.work, b.armed = len(b.params), None, False
 
-    def _buckets(self, params: list[nn.Parameter] | None) -> list[_Bucket]:
-        if params is None:
-            return self.buckets
-        ids = {id(self._bucket_of[id(p)]) for p in params if id(p) in self._bucket_of}
-        return [b for b in self.buckets if id(b) in ids]
+    def _buckets(self, unit: int | None) -> list[_Bucket]:
+        return [b for b in self.buckets if unit is None or b.unit == unit]
 
-    def arm(self, params: list[nn.Parameter] | None = None) -> None:
-        """The next backward is the batch's last (for `params`' buckets; all by default): start each
-        bucket's reduction when it is complete."""
-        for b in self._buckets(params):
+    def arm(self, unit: int | None = None) -> None:
+        """The next backward is the batch's last (of unit `unit`, a pipeline chunk; of all by default):
+        start each bucket's reduction when it is complete."""
+        for b in self._buckets(unit):
             b.armed, b.pending = True, len(b.params)
 
-    def launch(self, params: list[nn.Parameter] | None = None) -> None:
-        """Start the reduction of `params`' buckets that no hook started (their gradients are complete)."""
+    def launch(self, unit: int | None = None) -> None:
+        """Start the reduction of the unit's buckets that no hook started (their gradients are complete)."""
         if self.powersgd is None:
-            for b in self._buckets(params):
+            for b in self._buckets(unit):
                 self._launch(b, early=True)
 
     def _ready(self, p: nn.Parameter) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 # FSDP2's default collectives (torch 2.13, pinned), subclassed only to count their bytes
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
-from megaloom.parallel.comm import CommCounter, TPGroup, all_reduce_no_grad, local
+from megaloom.parallel.comm import CommCounter, TPGroup, all_reduce_no_grad, counted_all_reduce, local
 from megaloom.parallel.data import GradBuffer
 from megaloom.parallel.tensor import sync_replicated_grads
 
@@ -48,7 +48,7 @@ class GradSync:
         """The coming backward is the batch's last (of pipeline chunk `chunk`; of the whole model by
         default): its data-parallel buckets reduce as they complete, FSDP reduce-scatters."""
         if self.dp_buffer is not None:
-            self.dp_buffer.arm(None if chunk is None else list(self.model[chunk].parameters()))
+            self.dp_buffer.arm(chunk)
         if self.fsdp is not None:
             self.fsdp.gradient_sync(True, chunk)
 
@@ -56,7 +56,7 @@ class GradSync:
         """Pipeline chunk `chunk` ran its last backward (B, or zero-bubble's W) of the step: whatever of
         its data-parallel reduction no hook started starts now."""
         if self.dp_buffer is not None:
-            self.dp_buffer.launch(list(self.model[chunk].parameters()))
+            self.dp_buffer.launch(chunk)
 
     def finish(self) -> None:
         """Make every gradient complete before the norm and the step: the data-parallel average, the
@@ -76,9 +76,7 @@ class GradSync:
             # Megatron-LM's embedding group: the first and last stage hold the tied word embedding;
             # summing their gradients keeps the two copies identical after every step.
             for p in self.tied:
-                g = local(p.grad)
-                self.counters["pp"].add("embedding_all_reduce", g.numel() * g.element_size(), 2)
-                dist.all_reduce(g, group=self.embed_group)
+                counted_all_reduce(local(p.grad), self.embed_group, self.counters["pp"], "embedding_all_reduce")
 
     def _scattered(self) -> bool:
         """ZeRO-1 reduce-scatters: a rank holds averaged gradients only in the ranges it owns."""
@@ -100,16 +98,13 @@ class GradSync:
         if self.fsdp is not None or self._scattered():  # ZeRO-1/2/3: every gradient is split over the dp ranks
             both = torch.stack([sq_sharded, sq_whole])
             group = self.fsdp.dp_group if self.fsdp is not None else self.dp_buffer.dp.group
-            self.counters["dp"].add("norm_all_reduce", both.numel() * both.element_size(), dist.get_world_size(group))
-            dist.all_reduce(both, group=group)
+            counted_all_reduce(both, group, self.counters["dp"], "norm_all_reduce")
             sq_sharded, sq_whole = both[0], both[1]
         if self.tp is not None:
             all_reduce_no_grad(sq_sharded, self.tp)
         total = sq_sharded + sq_whole
         if self.pp_group is not None:
-            self.counters["pp"].add("norm_all_reduce", total.numel() * total.element_size(),
-                                    dist.get_world_size(self.pp_group))
-            dist.all_reduce(total, group=self.pp_group)
+            counted_all_reduce(total, self.pp_group, self.counters["pp"], "norm_all_reduce")
         return total.sqrt()
 
     def any_nonfinite(self, found: torch.Tensor) -> torch.Tensor:
@@ -119,8 +114,7 @@ class GradSync:
         flag is then combined over every rank of the grid (the default group, dp x tp x pp), still in
         one reduction; otherwise over the model-parallel group (the dp replicas agree already)."""
         if self.fsdp is not None or self._scattered():
-            self.counters["dp"].add("overflow_all_reduce", found.numel() * found.element_size(), dist.get_world_size())
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+            counted_all_reduce(found, None, self.counters["dp"], "overflow_all_reduce", dist.ReduceOp.MAX)
         elif self.mp_group is not None:
             dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.mp_group)
         elif self.tp is not None:

@@ -19,7 +19,8 @@ STEPS = 4
 
 
 def _cfg(dp=1, zero=0, family="llama"):
-    return load_config(None, [f"model.family='{family}'", "model.layers=2", "model.hidden=32", "model.heads=4", "model.vocab_size=64",
+    return load_config(None, [f"model.family='{family}'", "model.layers=2", "model.hidden=32", "model.heads=4",
+                              "model.vocab_size=64",
                               "model.seq_len=16", "train.global_batch=4", "train.micro_batch=1", "train.lr=0.003",
                               "data.vocab_size=64", "train.precision='bf16'", f"parallel.dp={dp}",
                               f"parallel.zero={zero}"])
