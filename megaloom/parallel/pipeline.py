@@ -203,8 +203,9 @@ class PipelineRunner:
         self.stats.batches += 1
         for op in ops:
             if op.op is dist.isend:
-                self.stats.sent_bytes += op.tensor.numel() * op.tensor.element_size()
-                self.counter.add_sent("send", op.tensor.numel() * op.tensor.element_size())
+                nbytes = op.tensor.numel() * op.tensor.element_size()
+                self.stats.sent_bytes += nbytes
+                self.counter.add_sent("send", nbytes)
                 self.stats.sends.append((op.tensor.dtype, op.tensor.numel()))
         if self.strict_p2p:  # NCCL's rule on any backend: the whole batch completes before anything else
             for w in works:

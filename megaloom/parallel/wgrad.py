@@ -36,8 +36,9 @@ class _Slot:
 class _SaveInputs(torch.autograd.Function):
     """The backward of a deferred linear, with its saved tensors packed *before* the GEMM runs.
 
-    Its forward only saves the (cast) input and weight and returns a placeholder of the output's shape;
-    `_Gemm` computes the output and hands dL/dy straight back here. Packing first matters under
+    Its forward only saves the (cast) input and weight and returns `carrier`, a one-element tensor
+    expanded to the output's shape. `_Gemm` takes it as an input (its forward computes from xc and wc
+    only), so that in backward dL/dy flows through it straight back here. Packing first matters under
     recomputation: torch.utils.checkpoint stops a recomputed forward as soon as every tensor the
     backward needs is back, which (as for a native linear, whose inputs are saved before it computes)
     skips a layer's last GEMM, whose output nothing in backward needs."""
@@ -66,7 +67,7 @@ class _Gemm(torch.autograd.Function):
     """y = x·Wᵀ + b, saving nothing: its backward passes dL/dy to `_SaveInputs`."""
 
     @staticmethod
-    def forward(ctx, placeholder, xc, wc, bc):  # noqa: ANN001, ANN205
+    def forward(ctx, carrier, xc, wc, bc):  # noqa: ANN001, ANN205
         with torch.autocast(xc.device.type, enabled=False):
             return F.linear(xc, wc, bc)
 
@@ -85,8 +86,8 @@ def _deferred_linear(x: torch.Tensor, weight: torch.nn.Parameter, bias: torch.Te
         wc = weight.detach().to(dtype) if dtype is not None else weight.detach()
         bc = None if bias is None else (bias.detach().to(dtype) if dtype is not None else bias.detach())
     slot = _Slot(store, key, weight, bias is not None)
-    placeholder = _SaveInputs.apply(xc, wc, weight, bias, slot)
-    return _Gemm.apply(placeholder, xc.detach(), wc, bc)
+    carrier = _SaveInputs.apply(xc, wc, weight, bias, slot)
+    return _Gemm.apply(carrier, xc.detach(), wc, bc)
 
 
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ What the planner would otherwise take from a data sheet and an assumption, measu
   rate of the nearest measured shape (`hardware.gemm_seconds`).
 - Memory bandwidth: a large device-to-device copy (bytes read + written per second).
 - Collectives, when launched on several processes (torchrun): all-reduce, all-gather and a
-  point-to-point send over the whole world at sizes from 4 KiB to 16 MiB, each fitted by least
+  point-to-point send over the whole world at sizes from 4 KiB to 4 MiB, each fitted by least
   squares to the alpha-beta model the planner uses (`collectives.py`: ring all-reduce
   2(n-1)·alpha + 2(n-1)/n·S/beta, ring all-gather (n-1)·alpha + (n-1)/n·S/beta, p2p alpha + S/beta);
   the file gets the all-reduce's alpha and beta as the node's link (one node of n processes).

@@ -70,19 +70,19 @@ _MODEL_FLAGS = {"family": "family", "layers": "layers", "hidden": "hidden", "hea
                 "seq": "seq_len", "ffn": "ffn_hidden", "kv_heads": "kv_heads"}
 
 
-def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, int | None]:
-    """The model of --config with any model flag given beside it applied over the file's value, or
-    the model the flags alone describe."""
+def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, Config | None]:
+    """The model of --config with any model flag given beside it applied over the file's value (and
+    that config, read once), or the model the flags alone describe (and None)."""
     given = {key: getattr(args, flag) for flag, key in _MODEL_FLAGS.items() if getattr(args, flag) is not None}
     if args.config:
         cfg = load_config(args.config, [f"model.{k}={v if isinstance(v, int) else repr(v)}" for k, v in given.items()])
-        m, batch = cfg.model, cfg.train.global_batch
+        m = cfg.model
     else:
         missing = [f"--{n}" for n in ("layers", "hidden", "heads", "vocab", "seq") if getattr(args, n) is None]
         if missing:
             raise ConfigError(f"the model needs {', '.join(missing)} (or --config FILE), e.g. --layers 24 --hidden 2048 "
                               f"--heads 16 --vocab 50304 --seq 2048")
-        m, batch = ModelConfig(**{"family": "gpt2", **given}), None
+        m, cfg = ModelConfig(**{"family": "gpt2", **given}), None
     for name, value in (("--layers", m.layers), ("--hidden", m.hidden), ("--heads", m.heads), ("--vocab", m.vocab_size),
                         ("--seq", m.seq_len)):
         if value < 1:
@@ -93,13 +93,7 @@ def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, int | None]:
         raise ConfigError(f"--heads ({m.heads}) must be a multiple of --kv-heads ({m.n_kv_heads})")
     if m.kv_heads and m.family != "llama":
         raise ConfigError("--kv-heads needs --family llama (grouped-query attention)")
-    return m, batch
-
-
-def precision_from_args(args: argparse.Namespace) -> str:
-    if args.precision:
-        return args.precision
-    return load_config(args.config).train.precision if args.config else "bf16"
+    return m, cfg
 
 
 def simulate_config(cfg: Config, gpus: int, cluster: str = "dgx-h100") -> dict:
@@ -113,29 +107,30 @@ def simulate_config(cfg: Config, gpus: int, cluster: str = "dgx-h100") -> dict:
 
 
 def _setup(args: argparse.Namespace):  # noqa: ANN202
-    model, batch = model_from_args(args)
+    model, cfg = model_from_args(args)
     cluster = load_cluster(args.cluster, **({"sharp": True} if args.sharp else {}))
-    batch = args.global_batch or batch
+    batch = args.global_batch or (cfg.train.global_batch if cfg else None)
     if not batch:
         raise ConfigError("--global-batch is required (sequences per optimizer step), e.g. --global-batch 512")
     if args.gpus < 1:
         raise ConfigError(f"--gpus ({args.gpus}) must be >= 1")
-    return model, cluster, batch, RECIPES[args.recipe]
+    return model, cluster, batch, RECIPES[args.recipe], cfg
 
 
 def simulate_command(args: argparse.Namespace) -> int:
     from megaloom.perf.simulator import simulate_job
 
-    model, cluster, batch, recipe = _setup(args)
+    model, cluster, batch, recipe, cfg = _setup(args)
     if args.gpus % (args.tp * args.pp):
         raise ConfigError(f"--gpus ({args.gpus}) must be a multiple of --tp x --pp ({args.tp} x {args.pp} = "
                           f"{args.tp * args.pp}), since d = gpus / (tp·pp)")
-    split = tuple(load_config(args.config).parallel.layers_per_stage) if args.config else ()
+    split = tuple(cfg.parallel.layers_per_stage) if cfg else ()
     if len(split) != args.pp * args.chunks:  # the file's uneven split is for its own pp x chunks
         split = ()
     layout = Layout(args.tp, args.pp, args.gpus // (args.tp * args.pp), args.microbatch, args.chunks, args.recompute,
                     args.zero, args.sequence_parallel, args.schedule or "", split)
-    sim = simulate_job(Job(model, cluster, args.gpus, batch, layout, recipe, precision_from_args(args)))
+    precision = args.precision or (cfg.train.precision if cfg else "bf16")
+    sim = simulate_job(Job(model, cluster, args.gpus, batch, layout, recipe, precision))
     report = sim.report()
     if args.timeline:
         from megaloom.observe.timeline import draw_timeline
@@ -149,7 +144,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 def plan_command(args: argparse.Namespace) -> int:
     from megaloom.perf.planner import Planner, explain
 
-    model, cluster, batch, recipe = _setup(args)
+    model, cluster, batch, recipe, _ = _setup(args)
     if args.top < 1:
         raise ConfigError(f"--top ({args.top}) must be >= 1")
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "microbatch", "chunks", "recompute", "zero")
@@ -199,7 +194,6 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
 def calibrate_command(args: argparse.Namespace) -> int:
     """Measure this machine (under torchrun: and its links) and write a cluster file."""
     import os
-    import sys
 
     import torch.distributed as dist
 
@@ -218,8 +212,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    command = "megaloom " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("megaloom", "__main__.py")) else \
-        "megaloom calibrate --out " + args.out
+    command = " ".join(["megaloom calibrate --out", args.out, *(["--config", args.config] if args.config else []),
+                        *(f"--set {x}" for x in args.set), f"--repeats {args.repeats}"])
     measured = calibrate(out, cfg, command, args.repeats)
     if not dist.is_initialized() or dist.get_rank() == 0:
         links = measured["links"].get("all_reduce")
