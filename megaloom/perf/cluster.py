@@ -42,8 +42,8 @@ class Topology(enum.Enum):
 
 @dataclass(frozen=True)
 class Cluster:
-    """A homogeneous cluster. Field comments give the unit; efficiencies and latencies are assumptions
-    typical of NCCL on InfiniBand, not measurements."""
+    """A homogeneous cluster. Field comments give the unit; megaloom/perf/sources.py gives each default's
+    source (NCCL's own tuning model for the latencies; the efficiencies are still assumptions)."""
 
     name: str
     gpu: str = field(metadata={"help": "catalogue name of the GPU (megaloom/perf/hardware.py)"})
@@ -63,8 +63,11 @@ class Cluster:
                                                                    "groups, as a fraction of the NICs'"})
     sharp: bool = field(default=False, metadata={"help": "in-network reduction (SHARP) in the switches"})
     hop_latency_us: float = field(default=0.5, metadata={"help": "latency per switch hop or torus link"})
-    nic_latency_us: float = field(default=5.0, metadata={"help": "software + NIC latency of one message"})
-    intra_latency_us: float = field(default=2.0, metadata={"help": "latency of one NVLink/PCIe message"})
+    # NCCL's tuning model (src/graph/tuning.cc, NCCL 2.30.7), Simple protocol, ring: 14 us per step
+    # that crosses the network, 3.4 us per NVLink step (PCIe: 5.7), 8.4 us per collective
+    nic_latency_us: float = field(default=14.0, metadata={"help": "latency of one ring step across the network"})
+    intra_latency_us: float = field(default=3.4, metadata={"help": "latency of one NVLink/PCIe ring step or message"})
+    collective_base_us: float = field(default=8.4, metadata={"help": "fixed latency of one collective (launch)"})
     intra_efficiency: float = field(default=0.8, metadata={"help": "achieved / link bandwidth inside a node"})
     nic_efficiency: float = field(default=0.9, metadata={"help": "achieved / link bandwidth on the network"})
 

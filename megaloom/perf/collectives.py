@@ -17,6 +17,13 @@ A message of S bytes over a link of latency alpha and bandwidth beta takes alpha
   network's bisection (Thakur et al. 2005);
 - point-to-point: alpha + S/beta.
 
+Latency as NCCL's own tuning model counts it (src/graph/tuning.cc, `ncclTopoTuneModel`, NCCL 2.7 to
+2.30): every collective pays a base latency (`Cluster.collective_base_us`) once; a ring pays one step
+latency per step, the steps that cross between nodes at the network's (`nic_latency_us`) and the
+others at NVLink's or PCIe's (`intra_latency_us`); a tree all-reduce pays 2·((k-1)·intra + log2(N)·
+inter) for k ranks per node on N nodes. Textbook formulas above charge every step alike; on a ring of
+1,536 GPUs on 192 nodes only 191 of the 1,535 steps of an all-gather cross the network.
+
 Where a group's ranks sit decides alpha and beta (`placement`): inside one node the NVSwitch/PCIe
 link; across nodes the NICs, shared by the GPUs of a node, tapered by fat-tree oversubscription,
 dragonfly global links or torus dimensions, forwarded over NVLink between rails of a rail-only
@@ -191,26 +198,33 @@ def collective_seconds(c: Cluster, op: Collective, size: float, ranks: tuple[int
         if n != 2:
             raise ValueError(f"p2p is between 2 ranks, got {n}")
         return (intra if p.intra_node else inter_link(c, p)).time(size)
+    base = c.collective_base_us * 1e-6
     if p.intra_node:
-        return _on_one_link(op, n, size, intra, algorithm)
+        return base + _on_one_link(op, n, size, intra, algorithm)
     inter = inter_link(c, p)
     if op is Collective.ALL_TO_ALL:
         k = p.per_node
         cross = (n - k) / n * size / (inter.beta * bisection_fraction(c, p))
         local = (k - 1) / n * size / intra.beta
-        return (k - 1) * intra.alpha + (n - k) * inter.alpha + max(cross, local)
+        return base + (k - 1) * intra.alpha + (n - k) * inter.alpha + max(cross, local)
     # a flat ring or tree through the nodes: NCCL runs one channel per local rank, each on its own NIC
-    flat = Link(inter.alpha, min(intra.beta, p.per_node * inter.beta))
+    beta = min(intra.beta, p.per_node * inter.beta)
     options = {}
     if algorithm in (Algorithm.RING, Algorithm.AUTO):
-        options[Algorithm.RING] = _on_one_link(op, n, size, flat, Algorithm.RING)
+        # the ring's steps at NVLink latency, then the N-1 (all-reduce: 2(N-1)) that cross nodes at the network's
+        inter_steps = (2 if op is Collective.ALL_REDUCE else 1) * (p.nodes - 1)
+        options[Algorithm.RING] = (_on_one_link(op, n, size, Link(intra.alpha, beta), Algorithm.RING)
+                                   + inter_steps * (inter.alpha - intra.alpha))
     if algorithm in (Algorithm.TREE, Algorithm.AUTO) and op is Collective.ALL_REDUCE:
-        options[Algorithm.TREE] = tree_all_reduce(n, size, flat.alpha, flat.beta) + 2 * (p.per_node - 1) * intra.alpha
-    if algorithm in (Algorithm.HIERARCHICAL, Algorithm.AUTO):
+        options[Algorithm.TREE] = (2 * ((p.per_node - 1) * intra.alpha + ceil(log2(p.nodes)) * inter.alpha)
+                                   + 2 * size / beta)
+    # NCCL's all-gather and reduce-scatter across nodes are rings (its tuner skips every other algorithm for
+    # them, tuning.cc; PAT, NCCL 2.23+, serves one GPU per node only and is not modelled): no hierarchy
+    if op is Collective.ALL_REDUCE and algorithm in (Algorithm.HIERARCHICAL, Algorithm.AUTO):
         options[Algorithm.HIERARCHICAL] = _hierarchical(c, op, size, p, intra, inter)
     if not options:
         raise ValueError(f"{algorithm.value} is not an algorithm for {op.value}")
-    return min(options.values())
+    return base + min(options.values())
 
 
 def _on_one_link(op: Collective, n: int, size: float, link: Link, algorithm: Algorithm) -> float:

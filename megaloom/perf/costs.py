@@ -33,7 +33,10 @@ from megaloom.perf.collectives import Collective, collective_seconds
 from megaloom.perf.hardware import gemm_seconds
 
 GIB = 2**30
-ATTENTION_FRACTION = 0.4  # flash attention's achieved fraction of dense peak: an assumption (not measured)
+# flash attention's achieved fraction of the dense peak: FlashAttention-2, the kernel behind PyTorch SDPA's
+# flash backend, reaches 35% of an H100's (Shah et al. 2024, FlashAttention-3, abstract); used on every
+# device, as GEMM_EFFICIENCY is (Dao 2023 reports 50-73% on A100 for the forward pass)
+ATTENTION_FRACTION = 0.35
 USABLE_MEMORY = 0.92  # the rest: CUDA context, NCCL buffers, allocator fragmentation (an assumption)
 RECOMPUTE = ("none", "selective", "full")
 

@@ -1,7 +1,8 @@
 """Where every constant of the planner's hardware, network and efficiency models comes from.
 
 Each entry: the constant (module.NAME, or cluster.<field> for a Cluster default) -> (kind, source).
-Kinds: `measured` (our own measurement: command, device, date), `datasheet`, `paper`, `derived`
+Kinds: `measured` (our own measurement: command, device, date), `datasheet`, `paper`, `library` (a
+constant of an established library's own performance model, file and version named), `derived`
 (computed from other entries or counted from the program modelled, as the comment beside the
 constant shows), and `assumed` — a value with no source yet, listed so it stays visible: each is
 what `megaloom calibrate` or a measurement on the hardware should replace. tests/unit/test_sources.py
@@ -11,6 +12,7 @@ checks that every constant is here and lists the assumed ones.
 from __future__ import annotations
 
 MEASURED_H100 = "bench/RESULTS.md (lent H100 SXM, torch 2.11.0+cu130, 2026-11-24)"
+NCCL_TUNING = "NCCL 2.30.7 src/graph/tuning.cc, ncclTopoTuneModel (NVIDIA's own latency model of its collectives)"
 
 SOURCES: dict[str, tuple[str, str]] = {
     # ------------------------------------------------------------ devices and kernels (hardware.py)
@@ -32,7 +34,8 @@ SOURCES: dict[str, tuple[str, str]] = {
                                      "Narayanan et al. 2021 ran"),
     "costs.EAGER": ("derived", "counted from the plain-PyTorch program (comment in costs.py); peak memory within "
                                f"3% of the 53.6 GiB measured for GPT 1.3B at 8 x 2048, {MEASURED_H100}"),
-    "costs.ATTENTION_FRACTION": ("assumed", "flash attention's achieved fraction of the dense peak, 0.4"),
+    "costs.ATTENTION_FRACTION": ("paper", "Shah et al. 2024 (FlashAttention-3), abstract: FlashAttention-2, PyTorch "
+                                          "SDPA's flash kernel, reaches 35% of the H100's peak; used for every device"),
     "costs.USABLE_MEMORY": ("assumed", "0.92 of the device memory usable by tensors (CUDA context, NCCL buffers, "
                                        "fragmentation take the rest)"),
     "simulator.ADAM_BYTES_PER_PARAMETER": ("derived", "fused AdamW's reads (weight, gradient, m, v: 16 B) and "
@@ -47,14 +50,18 @@ SOURCES: dict[str, tuple[str, str]] = {
     "cluster.nodes_per_leaf": ("datasheet", "a 64-port NDR leaf switch (NVIDIA QM9700) with 32 ports down, 32 up"),
     "cluster.global_fraction": ("assumed", "dragonfly: half the injection bandwidth on global links"),
     "cluster.hop_latency_us": ("assumed", "0.5 us per switch hop"),
-    "cluster.nic_latency_us": ("assumed", "5 us of software and NIC latency per message"),
-    "cluster.intra_latency_us": ("assumed", "2 us per NVLink/PCIe message; `megaloom calibrate` measures it"),
+    "cluster.nic_latency_us": ("library", f"{NCCL_TUNING}: hwLat[NET][Ring][Simple] = 14 us per ring step that "
+                                          "crosses nodes (9.6 in NCCL 2.9.6 of 2021)"),
+    "cluster.intra_latency_us": ("library", f"{NCCL_TUNING}: hwLat[NVLINK][Ring][Simple] = 3.4 us per ring step "
+                                            "(PCIe 5.7, the h100-pcie preset); `megaloom calibrate` measures it"),
+    "cluster.collective_base_us": ("library", f"{NCCL_TUNING}: baseLat[Ring][Simple] = 8.4 us per collective, "
+                                              "also the tree's"),
     "cluster.intra_efficiency": ("assumed", "0.8 of the link bandwidth achieved inside a node; `megaloom "
                                             "calibrate` measures the achieved bandwidth"),
     "cluster.nic_efficiency": ("assumed", "0.9 of the link bandwidth achieved on the network"),
 }
 
-KINDS = ("measured", "datasheet", "paper", "derived", "assumed")
+KINDS = ("measured", "datasheet", "paper", "library", "derived", "assumed")
 
 
 def assumed() -> list[str]:

@@ -66,8 +66,9 @@ def test_formulas_by_hand():
 def test_inside_a_node_is_the_ring_on_nvswitch():
     link = intra_link(A100)
     assert link.beta == pytest.approx(300e9 * 0.8)
+    base = A100.collective_base_us * 1e-6
     t = collective_seconds(A100, Collective.ALL_REDUCE, 64 * MB, tuple(range(8)), Algorithm.RING)
-    assert t == pytest.approx(cc.ring_all_reduce(8, 64 * MB, link.alpha, link.beta))
+    assert t == pytest.approx(base + cc.ring_all_reduce(8, 64 * MB, link.alpha, link.beta))
     t = collective_seconds(A100, Collective.P2P, 64 * MB, (0, 1))
     assert t == pytest.approx(link.alpha + 64 * MB / link.beta)
 
@@ -86,14 +87,28 @@ def test_across_nodes_hierarchical_by_hand():
     p = placement(A100, ranks)
     intra, inter = intra_link(A100), inter_link(A100, p)
     assert inter.beta == pytest.approx(200e9 / 8 * 0.9)  # one NIC's share per GPU
-    hier = (2 * cc.ring_reduce_scatter(4, S, intra.alpha, intra.beta)
-            + min(cc.ring_all_reduce(8, S / 4, inter.alpha, inter.beta),
-                  cc.tree_all_reduce(8, S / 4, inter.alpha, inter.beta)))
+    base = A100.collective_base_us * 1e-6
+    hier = base + (2 * cc.ring_reduce_scatter(4, S, intra.alpha, intra.beta)
+                   + min(cc.ring_all_reduce(8, S / 4, inter.alpha, inter.beta),
+                         cc.tree_all_reduce(8, S / 4, inter.alpha, inter.beta)))
     assert collective_seconds(A100, Collective.ALL_REDUCE, S, ranks, Algorithm.HIERARCHICAL) == pytest.approx(hier)
-    flat = cc.ring_all_reduce(32, S, inter.alpha, min(intra.beta, 4 * inter.beta))
+    # NCCL's ring: 2·(32-1) steps, of which 2·(8-1) cross nodes at the network's latency, the rest at NVLink's
+    flat = base + 2 * 7 * inter.alpha + (62 - 14) * intra.alpha + 2 * 31 / 32 * S / min(intra.beta, 4 * inter.beta)
     assert collective_seconds(A100, Collective.ALL_REDUCE, S, ranks, Algorithm.RING) == pytest.approx(flat)
+    tree = base + 2 * (3 * intra.alpha + 3 * inter.alpha) + 2 * S / min(intra.beta, 4 * inter.beta)
+    assert collective_seconds(A100, Collective.ALL_REDUCE, S, ranks, Algorithm.TREE) == pytest.approx(tree)
     assert collective_seconds(A100, Collective.ALL_REDUCE, S, ranks) == pytest.approx(min(hier, flat, collective_seconds(
         A100, Collective.ALL_REDUCE, S, ranks, Algorithm.TREE)))
+
+
+def test_a_ring_across_many_nodes_pays_the_network_latency_only_where_it_crosses():
+    """NCCL's tuning model: an all-gather over 1,536 GPUs on 192 nodes has 1,535 steps, 191 of them across
+    the network (14 us each, plus 0.5 us for each of the 5 switch hops of a 3-level fat-tree), the rest over
+    NVLink (3.4 us), plus 8.4 us once: 7.7 ms of latency. (NCCL runs no hierarchical all-gather: its tuner
+    offers only the ring for it.)"""
+    ranks = tuple(range(1536))
+    latency = collective_seconds(A100, Collective.ALL_GATHER, 1.0, ranks)
+    assert latency == pytest.approx((8.4 + 191 * (14.0 + 5 * 0.5) + 1344 * 3.4) * 1e-6, rel=1e-3)
 
 
 def test_sharp_halves_the_inter_node_all_reduce():
@@ -111,7 +126,7 @@ def test_topologies_order_as_the_survey_says():
          for name in ("dgx-h100", "h100-fat-tree-4to1", "h100-rail-only", "h100-rail-optimized", "h100-torus")}
     assert t["h100-fat-tree-4to1"] > 3 * t["dgx-h100"]
     assert t["h100-rail-only"] == pytest.approx(t["h100-rail-optimized"], rel=0.01)
-    a2a = {name: collective_seconds(load_cluster(name), Collective.ALL_TO_ALL, S, ranks)
+    a2a = {name: collective_seconds(load_cluster(name), Collective.ALL_TO_ALL, 8 * S, ranks)  # bandwidth-bound
            for name in ("dgx-h100", "h100-torus", "h100-dragonfly")}
     assert a2a["h100-torus"] > 2 * a2a["dgx-h100"]
     assert a2a["h100-dragonfly"] == pytest.approx(2 * a2a["dgx-h100"], rel=0.05)
