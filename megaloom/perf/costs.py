@@ -70,6 +70,11 @@ class Recipe:
     # batch_isend_irecv()", megatron/p2p_communication.py): a rank stood still while its activations
     # and gradients crossed to the next stage
     overlap_p2p: bool = True
+    # the data-parallel gradient reduction overlapped with the backward, bucket by bucket. Megatron-LM of the
+    # paper's time all-reduced its whole contiguous gradient buffer (fp32 main grads under bf16) after
+    # forward_backward_func had returned (training.py train_step -> model.allreduce_gradients(), DDP_impl
+    # "local", the default); overlapping it came with --overlap-grad-reduce (2023)
+    overlap_grad_reduce: bool = True
 
 
 # Megatron-LM's GPT with fused kernels (bias-GeLU, bias-dropout-add, fused LayerNorm), bf16 activations,
@@ -84,7 +89,8 @@ MEGATRON = Recipe("megatron", True, 10, 24, 2, 22, 0, 4, 60, 10, None)
 # The same program as 2021's Megatron-LM ran it (the paper's runs): attention scores materialized,
 # with the 5·a·s/h term in memory and the batched score GEMMs and fused softmax in time.
 MEGATRON_2021 = Recipe("megatron-2021", False, 10, 24, 2, 22, 0, 4, 60, 10, None,
-                       sequence_parallel=False, selective_recompute=False, overlap_p2p=False)
+                       sequence_parallel=False, selective_recompute=False, overlap_p2p=False,
+                       overlap_grad_reduce=False)
 
 # The plain-PyTorch nanoGPT program of the H100 measurements of 2026-11-24 (bench/RESULTS.md):
 # fp32 weights under bf16 autocast, the residual stream and LayerNorms in fp32, SDPA flash attention,

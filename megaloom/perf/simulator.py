@@ -11,7 +11,8 @@ in lockstep):
   with Megatron's scatter/gather of §4.1 when t > 1: each tp rank sends b·s·h/t on its own NIC and the
   receivers all-gather over NVLink); a receive waits for its delivery;
 - data-parallel gradient reduction of a chunk starts when the chunk's last backward starts and runs
-  bucket by bucket behind it (overlap with the last backward); ZeRO-1 reduce-scatters instead and
+  bucket by bucket behind it (overlap with the last backward; the megatron-2021 recipe all-reduces the
+  whole buffer after the pipeline is done, as Megatron-LM then did); ZeRO-1 reduce-scatters instead and
   all-gathers the updated weights after the optimizer; ZeRO-2/3 (FSDP2) gather each layer's weights
   one layer ahead of its compute, in forward (and ZeRO-3 again in backward), on a communication
   stream that hides them only behind the compute there is (`fsdp_pass_seconds`), and reduce-scatter
@@ -290,7 +291,10 @@ def finish_step(job: Job, costs: StageCosts, r: int, finish: float,
     params, group, d = costs.rank_parameters(r), dp_group(job, r), lay.dp
     comm_free = 0.0
     grad = 2 if job.grad_reduce_dtype == "bf16" else 4
-    if d > 1:
+    if d > 1 and lay.zero == 0 and not job.recipe.overlap_grad_reduce:
+        # one all-reduce of the whole gradient buffer once the pipeline is done (Megatron-LM 2021)
+        comm_free = finish + collective_seconds(c, Collective.ALL_REDUCE, params * grad, group)
+    elif d > 1:
         op = Collective.ALL_REDUCE if lay.zero == 0 else Collective.REDUCE_SCATTER
         for ch, (start, end) in sorted(enumerate(last_backward), key=lambda x: x[1][1]):
             stage = virtual_stage(r, ch, lay.pp)
