@@ -31,6 +31,7 @@ matched pair carries the intended message and that every pass has its input when
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
@@ -92,8 +93,8 @@ def comm_plan(schedule: Schedule) -> Plan:
                 ticks.setdefault(end, []).append(a)
         # batch of tick t: after the passes that start before t, before those starting at or after it
         slots: dict[int, list[float]] = {}
-        for t in sorted(ticks):
-            slots.setdefault(sum(s < t for s in starts), []).append(t)
+        for t in sorted(ticks):  # a rank's passes start in list order: count those before t by bisection
+            slots.setdefault(bisect_left(starts, t), []).append(t)
         steps: list[Step] = []
         for i in range(len(computes) + 1):
             for t in slots.get(i, []):  # receives first (pre-posted), then the sends

@@ -65,6 +65,9 @@ class Recipe:
     # et al. 2022, after the Megatron-LM paper's runs (Narayanan et al. 2021 had full recomputation only)
     sequence_parallel: bool = True
     selective_recompute: bool = True
+    # ZeRO: Megatron-LM of 2021 replicated the optimizer state over dp; its distributed optimizer (ZeRO-1)
+    # came in 2022 and it never sharded gradients or parameters. A search leaves ZeRO off for it.
+    zero: bool = True
     # p2p overlapped with compute. Megatron-LM of the paper's time waited for every batch_isend_irecv
     # and then called torch.cuda.synchronize() ("to protect against race condition when using
     # batch_isend_irecv()", megatron/p2p_communication.py): a rank stood still while its activations
@@ -89,7 +92,7 @@ MEGATRON = Recipe("megatron", True, 10, 24, 2, 22, 0, 4, 60, 10, None)
 # The same program as 2021's Megatron-LM ran it (the paper's runs): attention scores materialized,
 # with the 5·a·s/h term in memory and the batched score GEMMs and fused softmax in time.
 MEGATRON_2021 = Recipe("megatron-2021", False, 10, 24, 2, 22, 0, 4, 60, 10, None,
-                       sequence_parallel=False, selective_recompute=False, overlap_p2p=False,
+                       sequence_parallel=False, selective_recompute=False, zero=False, overlap_p2p=False,
                        overlap_grad_reduce=False)
 
 # The plain-PyTorch nanoGPT program of the H100 measurements of 2026-11-24 (bench/RESULTS.md):

@@ -123,8 +123,8 @@ class Planner:
                                                                             if p > 2 else 0)) / p
         c = p2p_seconds(job, 0, 1) if p > 1 else 0.0
         pipeline = m * heaviest + (p - 1) * (mean / v + 2 * c)
-        if not self.recipe.overlap_p2p:  # every microbatch-chunk's two transfers stall the rank
-            pipeline += 2 * m * v * c
+        if not self.recipe.overlap_p2p:  # Megatron-LM 2021 waits for one batch per forward-backward pair
+            pipeline += m * v * c
         tail, exposed, opt = 0.0, 0.0, 0.0
         for r, _, b in per_rank:
             chunk_b = b / v
@@ -146,6 +146,8 @@ class Planner:
         fixed = dict(fixed or {})
         if not self.recipe.sequence_parallel:  # what the modelled program cannot do is not searched
             fixed.setdefault("sequence_parallel", False)
+        if not self.recipe.zero:
+            fixed.setdefault("zero", 0)
         for group in layouts(self.model, self.gpus, self.global_batch, fixed,
                              recomputes=[r for r in RECOMPUTE if r != "selective" or self.recipe.selective_recompute]):
             for lay in group:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
+from megaloom.parallel.p2p_plan import P2PBatch, comm_plan
 from megaloom.parallel.schedules import (
     Action,
     Costs,
@@ -37,11 +38,13 @@ from megaloom.parallel.schedules import (
     build_schedule,
     in_flight,
     lower,
+    stage_location,
     virtual_stage,
 )
 from megaloom.perf import flops
 from megaloom.perf.collectives import Collective, collective_seconds
 from megaloom.perf.costs import GIB, USABLE_MEMORY, Job, StageCosts, check_job
+from megaloom.perf.megatron_plan import megatron_plan
 
 ADAM_BYTES_PER_PARAMETER = 30  # fused AdamW: read fp32 weight, grad, m, v (16), write weight, m, v (12), bf16 copy (2)
 
@@ -187,6 +190,41 @@ def compiled(kind: ScheduleKind, p: int, m: int, v: int) -> tuple[Schedule, tupl
     return schedule, tuple(out)
 
 
+_BATCH = 6
+
+
+@lru_cache(maxsize=64)
+def compiled_blocking(kind: ScheduleKind, p: int, m: int, v: int) -> tuple[tuple[tuple, ...], ...]:
+    """Per rank, the steps of the blocking program as plain tuples: a pass (code, microbatch, chunk, stage)
+    or a batch (_BATCH, ((transfer, sender, receiver), ...)) posted and completed together. 1F1B and
+    interleaved: Megatron-LM 2021's own program (`megatron_plan`); other schedules, which it did not
+    have: `p2p_plan.comm_plan`'s batches, the plan megaloom's runtime runs under NCCL."""
+    out = []
+    if kind in (ScheduleKind.ONE_F_ONE_B, ScheduleKind.INTERLEAVED):
+        for r, steps in enumerate(megatron_plan(p, m, v)):
+            out.append(tuple((_BATCH, tuple((t, t[0], t[1]) for t in st[1])) if st[0] == "batch"
+                             else ((_F if st[0] == "F" else _B), st[1], st[2], virtual_stage(r, st[2], p))
+                             for st in steps))
+        return tuple(out)
+    stages = p * v
+    for r, steps in enumerate(comm_plan(build_schedule(kind, p, m, v))):
+        rows = []
+        for st in steps:
+            if isinstance(st, P2PBatch):
+                ops = []
+                for a in st.ops:
+                    stage = virtual_stage(r, a.chunk, p)
+                    to = {Op.SEND_F: stage + 1, Op.SEND_B: stage - 1}.get(a.op, stage)
+                    backward = a.op in (Op.SEND_B, Op.RECV_B)
+                    src = stage_location(to + 1 if backward else to - 1, p)[0]
+                    ops.append(((a.microbatch * stages + to) * 2 + backward, src, stage_location(to, p)[0]))
+                rows.append((_BATCH, tuple(ops)))
+            else:
+                rows.append((_CODE[st.op], st.microbatch, st.chunk, virtual_stage(r, st.chunk, p)))
+        out.append(tuple(rows))
+    return tuple(out)
+
+
 @dataclass
 class PipelineRun:
     spans: list[tuple[int, float, float, int, int, int]]  # rank, start, end, code, microbatch, chunk
@@ -201,13 +239,14 @@ def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> Pipeline
     allow. `with_p2p=False`: transfers take no time (to tell exposed p2p from the bubble)."""
     lay = job.layout
     p, v = lay.pp, lay.chunks
-    schedule, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
     durations = [[pass_seconds(job, costs, s, code) for code in (_F, _B, _I, _W)] for s in range(p * v)]
+    if not job.recipe.overlap_p2p and p > 1:
+        return _run_blocking(job, durations, with_p2p)
     p2p = {}
     for s in range(p * v - 1):  # the time a transfer between stages s and s+1 takes, both ways
         p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 and with_p2p else 0.0
+    schedule, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
     arrivals: dict[int, float] = {}
-    blocking = not job.recipe.overlap_p2p
     clock, busy, pos = [0.0] * p, [0.0] * p, [0] * p
     spans: list[tuple[int, float, float, int, int, int]] = []
     last_backward: dict[int, tuple[float, float]] = {}
@@ -225,8 +264,6 @@ def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> Pipeline
                     now = max(now, arrivals.pop(key))
                 elif code == _SEND:
                     arrivals[key] = now + p2p[min(stage, to)]
-                    if blocking:  # the sender waits for its transfer (Megatron-LM 2021: see Recipe)
-                        now = arrivals[key]
                 else:
                     d = durations[stage][code]
                     spans.append((r, now, now + d, code, mb, chunk))
@@ -241,6 +278,53 @@ def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> Pipeline
     stuck = [r for r in range(p) if pos[r] < len(lists[r])]
     if stuck:
         raise ScheduleError(f"simulation of {lay.schedule_kind.value} deadlocked on ranks {stuck}")
+    return PipelineRun(spans, busy, clock, list(in_flight(schedule)), last_backward)
+
+
+def _run_blocking(job: Job, durations: list[list[float]], with_p2p: bool) -> PipelineRun:
+    """The walk under blocking, batch-synchronous p2p (Megatron-LM 2021: each `batch_isend_irecv` of the
+    program waited for, then `torch.cuda.synchronize()`; see Recipe.overlap_p2p and megatron_plan.py):
+    a rank posts its batch when it reaches it and goes on only when every transfer of the batch is done,
+    and a transfer starts once both its ends are posted (NCCL holds a send until the receive is posted)."""
+    lay = job.layout
+    p = lay.pp
+    schedule = build_schedule(lay.schedule_kind, p, job.microbatches, lay.chunks)
+    lists = compiled_blocking(lay.schedule_kind, p, job.microbatches, lay.chunks)
+    wire = {(a, b): p2p_seconds(job, a, b) if with_p2p else 0.0 for a in range(p) for b in ((a + 1) % p, (a - 1) % p)}
+    posted: dict = {}  # transfer -> the times its ends were posted
+    clock, busy, pos, waiting = [0.0] * p, [0.0] * p, [0] * p, [False] * p
+    spans: list[tuple[int, float, float, int, int, int]] = []
+    last_backward: dict[int, tuple[float, float]] = {}
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(p):
+            steps, i, now = lists[r], pos[r], clock[r]
+            while i < len(steps):
+                step = steps[i]
+                if step[0] == _BATCH:
+                    if not waiting[r]:
+                        for key, _, _ in step[1]:
+                            posted.setdefault(key, []).append(now)
+                        waiting[r] = progressed = True
+                    if any(len(posted[key]) < 2 for key, _, _ in step[1]):
+                        break
+                    now = max(now, max(max(posted[key]) + wire[a, b] for key, a, b in step[1]))
+                    waiting[r] = False
+                else:
+                    code, mb, chunk, stage = step
+                    d = durations[stage][code]
+                    spans.append((r, now, now + d, code, mb, chunk))
+                    now += d
+                    busy[r] += d
+                    if code == _B or code == _W:
+                        last_backward[stage] = (now - d, now)
+                i += 1
+                progressed = True
+            pos[r], clock[r] = i, now
+    stuck = [r for r in range(p) if pos[r] < len(lists[r])]
+    if stuck:
+        raise ScheduleError(f"blocking simulation of {lay.schedule_kind.value} deadlocked on ranks {stuck}")
     return PipelineRun(spans, busy, clock, list(in_flight(schedule)), last_backward)
 
 

@@ -108,7 +108,7 @@ def test_nothing_fits_is_a_one_line_error():
 
 def test_the_2021_program_cannot_do_what_came_later():
     """Sequence parallelism and selective recomputation (Korthikanti et al. 2022) are not searched for
-    the megatron-2021 recipe, and its p2p blocks the sender (Megatron-LM waited for every batch)."""
+    the megatron-2021 recipe, and its p2p blocks (Megatron-LM waited for every batch)."""
     import dataclasses
 
     model = ModelConfig(family="gpt2", layers=24, hidden=2048, heads=16, vocab_size=51200, seq_len=2048)
@@ -120,5 +120,6 @@ def test_the_2021_program_cannot_do_what_came_later():
     from megaloom.perf.simulator import p2p_seconds
 
     c, m = p2p_seconds(blocking.job, 0, 1), blocking.job.microbatches
-    # a middle rank stalls for each of its 2·m·v transfers; the step grows by at least half of that
-    assert blocking.step_time - overlapped.step_time > 0.5 * 2 * m * lay.chunks * c
+    # Megatron-LM's program (megatron_plan.py) waits once per forward-backward pair for a batch of up to
+    # four concurrent transfers: a middle rank stalls about one transfer m·v times
+    assert blocking.step_time - overlapped.step_time > 0.8 * m * lay.chunks * c
