@@ -48,7 +48,9 @@ SOURCES: dict[str, tuple[str, str]] = {
                                     "switches"),
     "cluster.oversubscription": ("datasheet", "DGX SuperPOD reference architecture: non-blocking (1:1)"),
     "cluster.nodes_per_leaf": ("datasheet", "a 64-port NDR leaf switch (NVIDIA QM9700) with 32 ports down, 32 up"),
-    "cluster.global_fraction": ("assumed", "dragonfly: half the injection bandwidth on global links"),
+    "cluster.global_fraction": ("paper", "dragonfly: Kim, Dally, Scott & Abts 2008 (ISCA), Valiant routing, which "
+                                         "adversarial group-to-group traffic such as a ring between groups needs, "
+                                         "sends each packet over two global channels: half the throughput"),
     "cluster.hop_latency_us": ("assumed", "0.5 us per switch hop"),
     "cluster.nic_latency_us": ("library", f"{NCCL_TUNING}: hwLat[NET][Ring][Simple] = 14 us per ring step that "
                                           "crosses nodes (9.6 in NCCL 2.9.6 of 2021)"),

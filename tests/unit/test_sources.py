@@ -14,7 +14,7 @@ from megaloom.perf.cluster import Cluster
 NOT_CONSTANTS = {"costs.GIB", "costs.RECOMPUTE", "costs.RECIPES"}
 
 STILL_ASSUMED = [
-    "cluster.global_fraction", "cluster.hop_latency_us", "cluster.intra_efficiency", "cluster.nic_efficiency",
+    "cluster.hop_latency_us", "cluster.intra_efficiency", "cluster.nic_efficiency",
     "costs.USABLE_MEMORY",
     "hardware.K_OVERHEAD", "hardware.LAUNCH_SECONDS", "hardware.TILES",
 ]
