@@ -53,12 +53,17 @@ def launch_env() -> LaunchEnv:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from megaloom.data.corpus import ensure_corpus
+    from megaloom.data.corpus import ensure_corpus_for
     from megaloom.observe.progress import Console
     from megaloom.parallel.launch import start
     from megaloom.train.trainer import Trainer
 
     cfg = _load(args)
+    evals = []
+    if cfg.train.eval_tasks:  # checked (flags, files) before anything starts
+        from megaloom.eval.training import training_evals
+
+        evals = training_evals(cfg)
     env = launch_env()
     if env.world_size > 1 and not args.run_dir:
         raise ConfigError("--run-dir is required under torchrun, so that every process writes the same run directory")
@@ -70,12 +75,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     say = lambda msg: console.print(f"    data  {msg}")  # noqa: E731
     if env.rank == 0:  # one process prepares the corpus, the others then find it ready
-        ensure_corpus(cfg.data, cache_root(), progress=say)
+        ensure_corpus_for(cfg, cache_root(), progress=say)
     if dist.is_initialized():
         dist.barrier()
-    corpus = ensure_corpus(cfg.data, cache_root(), progress=say)
+    corpus = ensure_corpus_for(cfg, cache_root(), progress=say)
     try:
-        Trainer(cfg, run_dir, corpus, console, grid, device).run()
+        weights = None
+        if cfg.model.pretrained:  # opened and checked against the model before any model is built
+            from megaloom.interop import PretrainedWeights
+
+            weights = PretrainedWeights(cfg.model)
+        Trainer(cfg, run_dir, corpus, console, grid, device, weights=weights, evals=evals).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -83,12 +93,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from megaloom.data.corpus import ensure_corpus
+    from megaloom.data.corpus import ensure_corpus_for
 
     cfg = _load(args)
     if args.out:
         cfg.data.dir = args.out
-    info = ensure_corpus(cfg.data, cache_root(), progress=lambda msg: print(f"data: {msg}", flush=True))
+    info = ensure_corpus_for(cfg, cache_root(), progress=lambda msg: print(f"data: {msg}", flush=True))
     print(f"corpus {info.directory}: {info.train_tokens:,} train tokens in {info.train_docs:,} documents, "
           f"{info.val_tokens:,} validation tokens in {info.val_docs:,} documents, "
           f"{info.tokenizer} tokenizer with {info.vocab_size} tokens ({info.dtype})")
@@ -96,23 +106,35 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from megaloom.train.restore import generate_text
+    from megaloom.eval.command import generate_command
 
-    texts = generate_text(Path(args.checkpoint), args.prompt, num_samples=args.num_samples,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, device=args.device)
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            print(f"----- sample {i + 1}")
-        print(text)
-    return 0
+    return generate_command(args, launch_env())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megaloom.eval.command import eval_command
+
+    return eval_command(args, launch_env())
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from megaloom.interop.load import is_pretrained
     from megaloom.train.checkpoint import export_safetensors, import_safetensors, latest_checkpoint
 
     src, out = Path(args.source), Path(args.output)
-    if src.suffix == ".safetensors":
+    if args.to == "hf":
+        from megaloom.interop import export_hf
+
+        ckpt, n = export_hf(src, out, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        print(f"wrote {out}: {n} tensors from {ckpt} as a Hugging Face model (transformers' "
+              "AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load it)")
+    elif is_pretrained(src):
+        from megaloom.interop import import_pretrained
+
+        cfg, n, tokenizer = import_pretrained(src, out)
+        print(f"wrote {out}: {n} tensors of a {cfg.model.family} model{' and its tokenizer' if tokenizer else ''} "
+              f"as a weights-only megaloom checkpoint (train with --set checkpoint.load={out}, in any layout)")
+    elif src.suffix == ".safetensors":
         if not src.is_file():
             raise FileNotFoundError(f"'{src}' does not exist; pass a .safetensors file or a checkpoint/run directory")
         config = Path(args.config).read_text(encoding="utf-8") if args.config else ""
@@ -121,8 +143,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"(train with --set checkpoint.load={out}, in any layout)")
     else:
         if out.suffix != ".safetensors":
-            raise ConfigError(f"convert output '{out}' must end in .safetensors when the source is a checkpoint; "
-                              "e.g. megaloom convert runs/demo model.safetensors")
+            raise ConfigError(f"convert output '{out}' must end in .safetensors when the source is a checkpoint, "
+                              "or add --to hf for a Hugging Face directory; e.g. megaloom convert runs/demo "
+                              "model.safetensors")
         ckpt = latest_checkpoint(src)
         n = export_safetensors(ckpt, out)
         print(f"wrote {out}: {n} tensors from {ckpt}, consolidated over every layout dimension")
@@ -204,15 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                 required=True)
     p = data.add_parser("prepare", help="tokenize text files, directories or JSONL into a corpus",
                         description="Tokenize data.sources into flat token files plus a document index, "
-                                    "with a deterministic train/validation split.")
+                                    "with a deterministic train/validation split. With train.objective=\"sft\": "
+                                    "conversations (JSONL or Parquet) rendered with the chat template, plus the "
+                                    "mask of the tokens the loss counts.")
     _config_args(p)
     p.add_argument("--out", metavar="DIR", help="corpus directory (same as --set data.dir=DIR)")
     p.set_defaults(func=cmd_data_prepare)
 
-    p = verbs.add_parser("generate", help="sample text from a checkpoint",
-                         description="Sample text from a checkpoint (or the newest checkpoint of a run directory).")
-    p.add_argument("checkpoint", help="run directory or checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p = verbs.add_parser("generate", help="sample text from a model, or chat with it",
+                         description="Sample text from MODEL (a run directory's newest checkpoint, a checkpoint, a "
+                                     "Hugging Face model directory or a .gguf file); --chat applies the model's own "
+                                     "chat template. Under torchrun in any --tp/--pp layout.")
+    p.add_argument("checkpoint", metavar="MODEL", help="run directory, checkpoint, Hugging Face directory or .gguf file")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    prompt.add_argument("--chat", metavar="MESSAGE", help="a user message, rendered with the model's chat template "
+                        "(add_generation_prompt); prints the assistant's reply")
+    p.add_argument("--system", metavar="TEXT", help="the system message of the --chat conversation")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (under torchrun)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute precision")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens; 0 = off")
@@ -223,14 +257,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_generate)
 
-    p = verbs.add_parser("convert", help="checkpoint <-> one consolidated safetensors file",
-                         description="A megaloom checkpoint (or a run directory's newest) to one consolidated "
-                                     "safetensors file with canonical names; or a safetensors file to a weights-only "
-                                     "checkpoint that checkpoint.load accepts in any layout.")
-    p.add_argument("source", help="checkpoint or run directory, or a .safetensors file")
-    p.add_argument("output", help="a .safetensors file, or the checkpoint directory to create")
+    p = verbs.add_parser("convert", help="checkpoint <-> Hugging Face directory, .gguf or safetensors file",
+                         description="A megaloom checkpoint (or a run directory's newest), saved in any layout, to a "
+                                     "Hugging Face model directory (--to hf) or to one consolidated safetensors file "
+                                     "with canonical names; or a Hugging Face directory, a .gguf file or a "
+                                     "safetensors file to a weights-only checkpoint that checkpoint.load accepts in "
+                                     "any layout (docs/interop.md).")
+    p.add_argument("source", help="checkpoint or run directory, Hugging Face model directory, .gguf or .safetensors file")
+    p.add_argument("output", help="the directory to create (checkpoint or, with --to hf, Hugging Face model), or a "
+                                  ".safetensors file")
+    p.add_argument("--to", choices=["hf"], help="hf: write a Hugging Face model directory (config.json, safetensors, "
+                                                "tokenizer, generation_config.json)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, metavar="GB",
+                   help="--to hf: split the safetensors into shards of at most this many GB (default 2)")
     p.add_argument("--config", metavar="FILE", help="safetensors -> checkpoint: a config.toml to store alongside")
     p.set_defaults(func=cmd_convert)
+
+    from megaloom.eval.spec import add_eval_args
+
+    p = verbs.add_parser("eval", help="perplexity and multiple-choice accuracy, as lm-evaluation-harness scores them",
+                         description="Evaluate MODEL (a run, a checkpoint, a Hugging Face directory or a .gguf file) "
+                                     "with lm-evaluation-harness semantics: --task perplexity (rolling windows) or "
+                                     "--task choice (accuracy); under torchrun in any --tp/--pp layout, the other "
+                                     "processes splitting the data (docs/eval.md).")
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("plot", help="loss curves of run directories to a PNG")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -49,6 +49,14 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = _f(10000.0, "rotary base frequency (llama)")
     init_std: float = _f(0.02, "std of the normal initialisation; residual outputs use std/sqrt(2l)")
+    head: Literal["auto", "tied", "untied"] = _f(
+        "auto", "output projection: tied = the token embedding (GPT-2, SmolLM2), untied = its own head.weight; "
+                "auto = tied for gpt2, untied for llama")
+    qkv_bias: bool = _f(False, "biases on the q/k/v projections (Qwen2); gpt2 always has them")
+    max_positions: int = _f(0, "positions the model supports: rows of gpt2's position table and the cap of "
+                               "model.seq_len; 0 = model.seq_len")
+    pretrained: str = _f("", "a Hugging Face model directory or a .gguf file: the model.* keys are read from it "
+                             "(keys also set here must agree) and its weights are the starting point (docs/interop.md)")
 
     @property
     def head_dim(self) -> int:
@@ -68,24 +76,42 @@ class ModelConfig:
 
     @property
     def tied(self) -> bool:
-        return self.family == "gpt2"
+        return self.head == "tied" or (self.head == "auto" and self.family == "gpt2")
+
+    @property
+    def positions(self) -> int:
+        return self.max_positions or self.seq_len
 
 
 @dataclass
 class DataConfig:
-    sources: list[str] = _f(["stdlib"], 'text files, directories or .jsonl files; "stdlib" = the Python standard library')
-    tokenizer: Literal["bpe", "gpt2"] = _f("bpe", "bpe: byte-level BPE trained locally; gpt2: GPT-2's BPE ranks")
+    sources: list[str] = _f(["stdlib"], 'text files, directories or .jsonl files; "stdlib" = the Python standard library; '
+                                        'SFT: .jsonl or .parquet files of conversations')
+    tokenizer: Literal["bpe", "gpt2", "pretrained"] = _f(
+        "bpe", "bpe: byte-level BPE trained locally; gpt2: GPT-2's BPE ranks; pretrained: model.pretrained's own "
+               "tokenizer (the default when model.pretrained is set)")
     vocab_size: int = _f(4096, "vocabulary size of the locally trained BPE")
     gpt2_ranks: str = _f("", "path to gpt2.tiktoken (tokenizer = gpt2)")
     dir: str = _f("", "prepared corpus directory; empty = a cache directory keyed by the data settings")
     val_fraction: float = _f(0.005, "fraction of documents held out for validation")
     max_bytes: int = _f(0, "stop reading sources after this many bytes of text; 0 = no limit")
     bpe_train_bytes: int = _f(8_000_000, "bytes of training text used to train the BPE")
+    format: Literal["auto", "chat", "prompt_response"] = _f(
+        "auto", "SFT records (train.objective = \"sft\"): chat = {\"messages\": [{\"role\", \"content\"}, ...]}, "
+                "prompt_response = {\"prompt\", \"response\"}; auto = recognised from each record's fields")
+    chat_template: str = _f("", "SFT: a Jinja chat template file to render conversations with; empty = the "
+                                "tokenizer's own (a pretrained model's), else megaloom's default")
+    train_on_prompt: bool = _f(False, "SFT: the loss counts every token, not only the assistant's")
+    packing: bool = _f(False, "SFT: several conversations per sequence, positions restarting and attention kept "
+                              "inside each one")
 
 
 @dataclass
 class TrainConfig:
     steps: int = _f(200, "optimizer steps")
+    objective: Literal["lm", "sft"] = _f(
+        "lm", "lm: next-token prediction on every token of data.sources (pretraining); sft: supervised fine-tuning "
+              "on conversations (JSONL or Parquet), the loss on the assistant's tokens only (docs/finetune.md)")
     global_batch: int = _f(16, "sequences per optimizer step, across all data-parallel ranks")
     micro_batch: int = _f(16, "sequences per forward/backward pass; global_batch / (micro_batch*dp) = accumulation steps")
     lr: float = _f(1e-3, "peak learning rate")
@@ -100,6 +126,10 @@ class TrainConfig:
         "fp32", "fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling)")
     eval_every: int = _f(100, "steps between validation runs; 0 = only at the end")
     eval_batches: int = _f(8, "micro-batches per validation run")
+    eval_tasks: list[str] = _f([], "evaluations run with each validation (every train.eval_every steps): each item is "
+                                   "megaloom eval's task flags, e.g. \"--task perplexity --data val.txt\" or "
+                                   "\"--task choice --data arc.jsonl --fewshot 5\"; results go to metrics.jsonl as "
+                                   "eval/NAME/METRIC (docs/eval.md)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = _f(False, "torch.compile the model")
     recompute: Literal["none", "selective", "full"] = _f(
@@ -194,17 +224,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         raw = read_toml(path)
     cfg = Config()
+    given: set[str] = set()  # the keys the user set: they must agree with model.pretrained
     for section, values in raw.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{section!r}: expected a [{section}] table, got {values!r}; "
                               f"write it as [{section}] with keys below")
         for key, value in values.items():
             set_value(cfg, f"{section}.{key}", value)
+            given.add(f"{section}.{key}")
     for item in overrides or []:
         key, value = parse_override(item)
         set_value(cfg, key, value)
+        given.add(key)
+    if cfg.model.pretrained:
+        apply_pretrained(cfg, given)
     validate(cfg)
     return cfg
+
+
+def apply_pretrained(cfg: Config, given: set[str]) -> None:
+    """model.pretrained: the model.* keys come from the model's own files (megaloom/interop/hparams.py);
+    a key the user also set must agree. model.seq_len defaults to the model's context, data.tokenizer to
+    the model's tokenizer."""
+    from megaloom.interop.hparams import pretrained_model_keys
+
+    m = cfg.model
+    for key, value in pretrained_model_keys(m.pretrained).items():
+        mine = getattr(m, key)
+        if f"model.{key}" in given and not _agrees(m, key, mine, value):
+            raise ConfigError(f"model.{key} = {_toml_value(mine)} but model.pretrained = '{m.pretrained}' has "
+                              f"{key} = {_toml_value(value)}; remove model.{key} or set it to {_toml_value(value)}")
+        setattr(m, key, value)
+    if "model.seq_len" not in given:
+        m.seq_len = m.max_positions
+    if "data.tokenizer" not in given:
+        cfg.data.tokenizer = "pretrained"
+
+
+def _agrees(m: ModelConfig, key: str, mine: Any, theirs: Any) -> bool:
+    """Whether a user's value means the pretrained one: 0 kv_heads = heads, 0 ffn_hidden and "auto" head
+    = the family's default, floats equal to float32 precision (GGUF stores them in float32)."""
+    if isinstance(theirs, float):
+        return abs(mine - theirs) <= 1e-6 * max(abs(theirs), 1e-30)
+    if key == "kv_heads":
+        return (mine or m.heads) == (theirs or m.heads)
+    if key == "ffn_hidden" and mine == 0:
+        return dataclasses.replace(m, ffn_hidden=0).ffn == theirs
+    if key == "head" and mine == "auto":
+        return dataclasses.replace(m, head="auto").tied == (theirs == "tied")
+    return mine == theirs
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -296,7 +364,7 @@ def validate(cfg: Config) -> None:
               "train.sample_tokens", "parallel.tp", "parallel.pp", "parallel.dp", "parallel.chunks",
               "data.vocab_size", "log.every", "checkpoint.keep", "train.max_consecutive_skips",
               "parallel.timeout_s")
-    _non_negative(cfg, "model.kv_heads", "model.ffn_hidden", "train.warmup", "train.eval_every",
+    _non_negative(cfg, "model.kv_heads", "model.ffn_hidden", "model.max_positions", "train.warmup", "train.eval_every",
                   "train.samples", "train.grad_clip", "train.weight_decay", "train.min_lr",
                   "checkpoint.every", "data.max_bytes", "data.bpe_train_bytes", "faults.at_step",
                   "faults.nonfinite_steps")
@@ -315,6 +383,9 @@ def validate(cfg: Config) -> None:
                           f"try model.kv_heads={_divisor_near(m.heads, m.n_kv_heads)}")
     if m.family == "llama" and m.head_dim % 2:
         raise ConfigError(f"rotary embeddings need an even head size, got hidden/heads = {m.head_dim}; change model.heads")
+    if m.max_positions and m.seq_len > m.max_positions:
+        raise ConfigError(f"model.seq_len ({m.seq_len}) exceeds model.max_positions ({m.max_positions}), the "
+                          f"longest context the model supports; set model.seq_len={m.max_positions} or less")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout = {m.dropout} must be in [0, 1)")
     if not 0.0 < t.lr < 1.0:
@@ -333,6 +404,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompts is empty while train.samples > 0; give a prompt, e.g. [\"def \"]")
     if not d.sources:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
+    _check_objective(cfg)
     if p.powersgd_rank < 0 or (p.powersgd_rank and p.zero >= 2):
         raise ConfigError(f"parallel.powersgd_rank = {p.powersgd_rank} needs parallel.zero 0 or 1 (got {p.zero}) "
                           "and must not be negative; FSDP's reduce-scatter (ZeRO-2/3) is not compressed")
@@ -349,6 +421,21 @@ def validate(cfg: Config) -> None:
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device = {dev!r} is not auto, cpu, cuda or cuda:N")
+
+
+def _check_objective(cfg: Config) -> None:
+    """The SFT keys need train.objective = "sft", and SFT needs conversation files."""
+    d = cfg.data
+    if cfg.train.objective == "lm":
+        sft_only = {"data.packing": d.packing, "data.train_on_prompt": d.train_on_prompt,
+                    "data.format": d.format != "auto", "data.chat_template": d.chat_template}
+        for key, value in sft_only.items():
+            if value:
+                raise ConfigError(f"{key} = {_toml_value(get_value(cfg, key))} applies to supervised fine-tuning "
+                                  "only; set train.objective=\"sft\" or remove it")
+    elif "stdlib" in d.sources:
+        raise ConfigError("train.objective = \"sft\" reads conversations, but data.sources has \"stdlib\"; give "
+                          ".jsonl or .parquet files, e.g. from tools/build_instruct.py")
 
 
 def layout_spec(cfg: Config) -> LayoutSpec:

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from megaloom.data.sources import STDLIB, DataError, Document, iter_documents, stdlib_dir
-from megaloom.data.tokenizer import Tokenizer, gpt2_tokenizer, train_bpe
+from megaloom.data.tokenizer import Tokenizer, gpt2_tokenizer, pretrained_tokenizer, train_bpe
 
 # Bump when the on-disk layout or the tokenization changes, so old caches are not reused.
 FORMAT_VERSION = 1
 ENCODE_BATCH_DOCS = 256
-_TOKENIZERS = ("bpe", "gpt2")
+_TOKENIZERS = ("bpe", "gpt2", "pretrained")
 _PROGRESS_EVERY_S = 2.0
 
 Progress = Callable[[str], None]
@@ -71,10 +71,14 @@ def prepare_corpus(
     seed: int = 0,
     bpe_train_bytes: int = 8_000_000,
     max_bytes: int = 0,
+    pretrained: str = "",
     progress: Progress | None = None,
 ) -> CorpusInfo:
-    """Prepare (or reuse, when already prepared with identical settings) a corpus in out_dir."""
+    """Prepare (or reuse, when already prepared with identical settings) a corpus in out_dir.
+    tokenizer = "pretrained": the tokenizer of `pretrained` (a Hugging Face directory or a .gguf file)."""
     _check_settings(sources, tokenizer, vocab_size, val_fraction, bpe_train_bytes, max_bytes)
+    if tokenizer == "pretrained" and not pretrained:
+        raise DataError('data.tokenizer = "pretrained" needs model.pretrained, the model whose tokenizer it is')
     settings = {
         "format_version": FORMAT_VERSION,
         "sources": [_resolve_source(s) for s in sources],
@@ -87,6 +91,8 @@ def prepare_corpus(
         "bpe_train_bytes": int(bpe_train_bytes),
         "max_bytes": int(max_bytes),
     }
+    if tokenizer == "pretrained":  # only then: the other corpora keep their hashes
+        settings["pretrained"] = str(Path(pretrained).resolve())
     digest = settings_hash(settings)
     out_dir = Path(out_dir)
     existing = _existing(out_dir, digest)
@@ -186,6 +192,8 @@ def _publish(tmp: Path, out_dir: Path, digest: str, info: CorpusInfo) -> CorpusI
 def _build(tmp: Path, sources: list[str], settings: dict, say: Progress) -> CorpusInfo:
     # GPT-2's ranks are loaded first: a missing file should fail before a long scan.
     tok = gpt2_tokenizer(settings["gpt2_ranks"]) if settings["tokenizer"] == "gpt2" else None
+    if settings["tokenizer"] == "pretrained":
+        tok = pretrained_tokenizer(settings["pretrained"])
     say(f"scanning {', '.join(sources)}")
     plan = _make_plan(sources, settings)
     tok = tok or _train_tokenizer(sources, settings, plan, say)

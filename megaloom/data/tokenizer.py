@@ -1,4 +1,5 @@
-"""One tokenizer interface over two libraries: HF `tokenizers` (our own byte-level BPE) and
+"""One tokenizer interface over two libraries: HF `tokenizers` (our own byte-level BPE, and the
+tokenizer a pretrained model ships: its tokenizer.json, or the vocabulary of a .gguf file) and
 `tiktoken` (GPT-2's published BPE). Neither algorithm is re-implemented here."""
 
 from __future__ import annotations
@@ -28,16 +29,34 @@ MIN_BPE_VOCAB = 256 + 1  # every byte, plus the eos token
 _META_FILE = "tokenizer_meta.json"
 _BPE_FILE = "tokenizer.json"
 _RANKS_FILE = "gpt2.tiktoken"
+# a pretrained model's own tokenizer files, kept verbatim so that a Hugging Face export carries them
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 class Tokenizer:
-    """A trained tokenizer; `encode` never adds special tokens, documents are joined by eos."""
+    """A trained tokenizer; `encode` never adds special tokens, documents are joined by eos.
 
-    def __init__(self, backend: HFTokenizer | tiktoken.Encoding, ranks_path: Path | None = None):
+    `bos_id` (None where there is none), `eos_id` and `chat_template` (the Jinja chat template of a
+    pretrained model, else None) are what generation and evaluation need besides encode and decode."""
+
+    def __init__(self, backend: HFTokenizer | tiktoken.Encoding, ranks_path: Path | None = None,
+                 pretrained: dict | None = None):
         self._backend = backend
         # Kept so that save() can copy the ranks: tiktoken cannot serialize an Encoding.
         self._ranks_path = ranks_path
-        if isinstance(backend, HFTokenizer):
+        self._special_backend: HFTokenizer | None = None  # built by encode_special on first use
+        self.bos_id: int | None = None
+        self.chat_template: str | None = None
+        self.hf_files: dict[str, str] = {}  # a pretrained model's tokenizer files (HF_TOKENIZER_FILES), verbatim
+        if pretrained is not None:  # a model's own tokenizer (`pretrained_tokenizer`)
+            assert isinstance(backend, HFTokenizer)
+            self.kind = "pretrained"
+            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+            self.eos_id, self.bos_id = pretrained["eos_id"], pretrained.get("bos_id")
+            self.chat_template = pretrained.get("chat_template")
+            self.hf_files = dict(pretrained.get("hf_files") or {})
+            backend.encode_special_tokens = True  # as for our BPE: markup in the data is text (encode_special parses it)
+        elif isinstance(backend, HFTokenizer):
             self.kind = "bpe"
             self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
             eos = backend.token_to_id(EOS_TOKEN)
@@ -57,10 +76,26 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
+    @property
+    def backend(self) -> HFTokenizer | tiktoken.Encoding:
+        """The library's tokenizer object (a `tokenizers.Tokenizer` or a `tiktoken.Encoding`)."""
+        return self._backend
+
     def encode(self, text: str) -> list[int]:
         if isinstance(self._backend, HFTokenizer):
             return self._backend.encode(text, add_special_tokens=False).ids
         return self._backend.encode_ordinary(text)
+
+    def encode_special(self, text: str) -> list[int]:
+        """Encode text in which special tokens are written out as markup (a rendered chat template:
+        "<|im_end|>", the eos token) into their ids, as transformers' apply_chat_template does; `encode`
+        keeps such strings as plain text."""
+        if isinstance(self._backend, HFTokenizer):
+            if self._special_backend is None:  # a copy that parses special tokens; the original never does
+                self._special_backend = HFTokenizer.from_str(self._backend.to_str())
+                self._special_backend.encode_special_tokens = False
+            return self._special_backend.encode(text, add_special_tokens=False).ids
+        return self._backend.encode(text, allowed_special="all", disallowed_special=())
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts; both libraries spread the batch over all cores."""
@@ -88,6 +123,10 @@ class Tokenizer:
             if self._ranks_path.resolve() != target.resolve():
                 shutil.copyfile(self._ranks_path, target)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+        if self.kind == "pretrained":
+            meta.update(bos_id=self.bos_id, chat_template=self.chat_template)
+            for name, text in self.hf_files.items():
+                (directory / name).write_text(text, encoding="utf-8")
         (directory / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -133,6 +172,63 @@ def gpt2_tokenizer(ranks_path: str | Path) -> Tokenizer:
     return Tokenizer(encoding, ranks_path=path)
 
 
+def pretrained_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a pretrained model ships: a Hugging Face directory's tokenizer.json with the special
+    tokens and chat template of its tokenizer_config.json (or chat_template.jinja), or the vocabulary of a
+    .gguf file, turned into a `tokenizers` object by transformers' GGUF converter."""
+    path = Path(path)
+    if str(path).lower().endswith(".gguf"):
+        return _gguf_tokenizer(path)
+    if not (path / _BPE_FILE).is_file():
+        raise DataError(f"model.pretrained: '{path}' has no {_BPE_FILE}; megaloom reads a model's fast "
+                        "(tokenizers) tokenizer, which transformers' save_pretrained writes")
+    backend = HFTokenizer.from_file(str(path / _BPE_FILE))
+    files = {n: (path / n).read_text(encoding="utf-8") for n in HF_TOKENIZER_FILES if (path / n).is_file()}
+    config = json.loads(files.get("tokenizer_config.json", "{}"))
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if "chat_template.jinja" in files:
+        template = files["chat_template.jinja"]
+    elif "chat_template.json" in files:
+        template = json.loads(files["chat_template.json"]).get("chat_template")
+    model_config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and backend.token_to_id(token) is not None:
+            return backend.token_to_id(token)
+        fallback = model_config.get(f"{name}_id")  # config.json's id (a list: the first)
+        return fallback[0] if isinstance(fallback, list) else fallback
+
+    eos = token_id("eos_token")
+    if eos is None:
+        raise DataError(f"model.pretrained: '{path}' names no eos token (tokenizer_config.json eos_token or "
+                        "config.json eos_token_id); megaloom ends every document with it")
+    return Tokenizer(backend, pretrained={"eos_id": eos, "bos_id": token_id("bos_token"), "chat_template": template,
+                                          "hf_files": files})
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    architecture, vocab, config = get_gguf_tokenizer(str(path))
+    backend, _ = convert_gguf_tokenizer(architecture, vocab)
+    ids = {name: backend.token_to_id(config[name]) if config.get(name) else None
+           for name in ("bos_token", "eos_token")}
+    if ids["eos_token"] is None:
+        raise DataError(f"model.pretrained: '{path}' names no eos token; megaloom ends every document with it")
+    # a tokenizer_config.json for Hugging Face exports: the special tokens and flags the file states
+    hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                 **{k: v for k, v in config.items() if v is not None and k != "chat_template"}}
+    files = {"tokenizer_config.json": json.dumps(hf_config, indent=2) + "\n"}
+    if config.get("chat_template"):
+        files["chat_template.jinja"] = config["chat_template"]
+    return Tokenizer(backend, pretrained={"eos_id": ids["eos_token"], "bos_id": ids["bos_token"],
+                                          "chat_template": config.get("chat_template"), "hf_files": files})
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load a tokenizer written by `Tokenizer.save`."""
     directory = Path(directory)
@@ -142,11 +238,17 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             f"tokenizer: {str(directory)!r} holds no saved tokenizer ({_META_FILE} missing); "
             "run `megaloom data prepare`"
         )
-    kind = json.loads(meta_path.read_text())["kind"]
-    if kind == "bpe":
-        return Tokenizer(HFTokenizer.from_file(str(directory / _BPE_FILE)))
-    if kind == "gpt2":
-        return gpt2_tokenizer(directory / _RANKS_FILE)
+    meta = json.loads(meta_path.read_text())
+    kind = meta["kind"]
+    if kind in ("bpe", "gpt2"):
+        tok = Tokenizer(HFTokenizer.from_file(str(directory / _BPE_FILE))) if kind == "bpe" else \
+            gpt2_tokenizer(directory / _RANKS_FILE)
+        if (directory / "chat_template.jinja").is_file():  # the template an SFT run was trained with
+            tok.chat_template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        return tok
+    if kind == "pretrained":
+        files = {n: (directory / n).read_text(encoding="utf-8") for n in HF_TOKENIZER_FILES if (directory / n).is_file()}
+        return Tokenizer(HFTokenizer.from_file(str(directory / _BPE_FILE)), pretrained={**meta, "hf_files": files})
     raise DataError(f"tokenizer: unknown kind {kind!r} in {str(meta_path)!r}; re-run prepare")
 
 

@@ -7,6 +7,8 @@ from outside (DESIGN principle 4); parameter names here are the canonical, layou
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +53,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to `max_len`."""
+@dataclass
+class Packing:
+    """Several documents in each sequence (data.packing): every token's position inside its own document,
+    and the attention mask that keeps each document to itself. Built once per forward from the document
+    ids and shared by every layer; the unpacked path never builds one."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.layers)]
+    positions: torch.Tensor  # (B, T) int64: 0 at the first token of each document
+    mask: torch.Tensor  # (B, 1, T, T) bool: True where query t may attend key s (same document, s <= t)
+
+    @staticmethod
+    def from_docs(docs: torch.Tensor) -> Packing:
+        """`docs` (B, T): any ids, equal along each document's contiguous run of tokens and different
+        from the neighbouring documents' (what the SFT loader gives: 0, 1, 2, ... along a row)."""
+        B, T = docs.shape
+        idx = torch.arange(T, device=docs.device)
+        first = torch.ones(B, T, dtype=torch.bool, device=docs.device)
+        first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        positions = idx - torch.where(first, idx, 0).cummax(dim=1).values
+        segment = first.cumsum(dim=1)  # runs, whatever the ids: a repeated id further on is another document
+        causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+        mask = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal
+        return Packing(positions, mask.unsqueeze(1))
+
+
+class KVCache:
+    """Keys and values for incremental decoding, preallocated to `max_len`: of the layers `layer_ids`
+    (default all; a pipeline stage holds its own) and `kv_heads` heads (default all; a tensor-parallel
+    rank holds n_kv_heads / t)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 layer_ids: Iterable[int] | None = None, kv_heads: int | None = None):
+        shape = (batch, kv_heads or cfg.n_kv_heads, max_len, cfg.head_dim)
+        layer_ids = range(cfg.layers) if layer_ids is None else layer_ids
+        self.k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
+        self.v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
         self.max_len = max_len
         self.length = 0  # tokens already stored (the position of the next token)
 
@@ -81,13 +111,13 @@ class Attention(nn.Module):
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.family == "gpt2"
-        self.qkv = nn.Linear(cfg.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
+        self.qkv = nn.Linear(cfg.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=bias or cfg.qkv_bias)
         self.proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=bias)
         self.rotary = cfg.family == "llama"
         self.recompute_core = False  # selective recomputation; set by `set_recompute`
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, packing: Packing | None = None) -> torch.Tensor:
         qkv = self.qkv(x)
         B, T, _ = qkv.shape  # under sequence parallelism x holds part of the sequence, qkv all of it
         q, k, v = qkv.split(
@@ -96,19 +126,27 @@ class Attention(nn.Module):
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         start = cache.length if cache is not None else 0
-        cos, sin = (rope[0][start:start + T], rope[1][start:start + T]) if self.rotary else (None, None)
+        mask = None
+        if packing is None:
+            cos, sin = (rope[0][start:start + T], rope[1][start:start + T]) if self.rotary else (None, None)
+        else:  # positions restart in every document: (B, 1, T, hd) tables, one row per token
+            pos, mask = packing.positions, packing.mask
+            cos, sin = (rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)) if self.rotary else (None, None)
         if self.recompute_core and cache is None and torch.is_grad_enabled():
             # selective recomputation (Korthikanti et al. 2022, §5): keep q, k, v, recompute the core
-            y = checkpoint(self.core, q, k, v, cos, sin)
+            y = checkpoint(self.core, q, k, v, cos, sin, None, mask)
         else:
-            y = self.core(q, k, v, cos, sin, cache)
+            y = self.core(q, k, v, cos, sin, cache, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
-             sin: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        """The attention core: rotary positions, then softmax(q·kᵀ/√d)·v, (B, heads, T, hd) in and out."""
+             sin: torch.Tensor | None, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention core: rotary positions, then softmax(q·kᵀ/√d)·v, (B, heads, T, hd) in and out.
+        `mask` (packed documents): SDPA with that boolean mask instead of its causal flag."""
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         T = q.shape[2]
@@ -161,14 +199,14 @@ class Block(nn.Module):
         self.recompute = False  # full recomputation: keep only the input; set by `set_recompute`
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, packing: Packing | None = None) -> torch.Tensor:
         if self.recompute and cache is None and torch.is_grad_enabled():
-            return checkpoint(self.body, x, rope, dropouts=(self.drop,))
-        return self.body(x, rope, cache)
+            return checkpoint(self.body, x, rope, None, packing, dropouts=(self.drop,))
+        return self.body(x, rope, cache, packing)
 
     def body(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-             cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache))
+             cache: KVCache | None = None, packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, packing))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 

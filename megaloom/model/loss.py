@@ -13,6 +13,9 @@ Numerics follow the plain path step for step: logits rounded to the autocast dty
 log-softmax; the gradient of the logits rounded to the autocast dtype before the two GEMMs. The only
 difference is that dL/dW is summed over chunks in fp32 (the plain path rounds the whole sum once to
 16 bits), so in fp32 the two agree to rounding and in bf16 this one is slightly more accurate.
+
+`reduction="none"` (no gradient) returns each token's loss instead of the mean: the same numbers before
+they are summed, which evaluation (megaloom/eval) scores requests with.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ IGNORE_INDEX = -100  # targets equal to this are left out of the mean, as in F.c
 
 
 def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype,
-                    need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Mean loss, and the gradients of the mean loss that are asked for, chunk by chunk."""
+                    need_h: bool, need_w: bool, per_token: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean loss, and the gradients of the mean loss that are asked for, chunk by chunk; `per_token`
+    (N,) fp32, when given, receives each row's loss (0 where the target is ignored)."""
     w = weight.to(dtype)
     valid = targets != IGNORE_INDEX
     count = valid.sum().clamp(min=1).to(torch.float32)  # a tensor: no host sync
@@ -37,7 +42,10 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         z = (hc @ w.t()).float()  # this chunk's logits, rounded like the plain head's
         lse = torch.logsumexp(z, dim=-1)
         idx = yc.clamp(min=0).unsqueeze(-1)
-        loss += ((lse - z.gather(-1, idx).squeeze(-1)) * vc).sum()
+        rows_loss = (lse - z.gather(-1, idx).squeeze(-1)) * vc
+        if per_token is not None:
+            per_token[rows] = rows_loss
+        loss += rows_loss.sum()
         if need_h or need_w:
             # d(mean CE)/dz = (softmax(z) - onehot(y)) / count, zero for ignored rows; in place on z
             z.sub_(lse.unsqueeze(-1)).exp_()
@@ -70,14 +78,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 2048) -> torch.Tensor:
+                         chunk: int = 2048, reduction: str = "mean") -> torch.Tensor:
     """Mean cross entropy of logits h @ weightᵀ against `targets` (fp32 log-softmax), computed `chunk`
     rows at a time. h: (..., hidden), weight: (V, hidden), targets: (...) token ids (-100 = ignore).
-    Under autocast the GEMMs run in the autocast dtype, as `F.linear` would."""
+    Under autocast the GEMMs run in the autocast dtype, as `F.linear` would. `reduction="none"`: each
+    token's loss, shaped like `targets`, 0 where ignored; no gradient."""
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     h2, y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     with torch.autocast(dev, enabled=False):  # dtypes are handled explicitly inside
+        if reduction == "none":
+            if torch.is_grad_enabled():
+                raise RuntimeError("reduction='none' computes no gradient; call it under torch.no_grad()")
+            out = torch.zeros(y.numel(), device=y.device, dtype=torch.float32)
+            _loss_and_grads(h2, weight, y, chunk, dtype, False, False, out)
+            return out.view(targets.shape)
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h2, weight, y, chunk, dtype)
         return _loss_and_grads(h2, weight, y, chunk, dtype, False, False)[0]
+

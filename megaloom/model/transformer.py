@@ -14,7 +14,7 @@ from torch import nn
 
 from megaloom.config import ModelConfig
 from megaloom.model.dropout import LayoutDropout
-from megaloom.model.layers import Block, KVCache, make_norm, rotary_tables
+from megaloom.model.layers import Block, KVCache, Packing, make_norm, rotary_tables
 from megaloom.model.loss import linear_cross_entropy
 
 
@@ -24,19 +24,23 @@ class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.pos = nn.Embedding(cfg.seq_len, cfg.hidden) if cfg.family == "gpt2" else None
+        self.pos = nn.Embedding(cfg.positions, cfg.hidden) if cfg.family == "gpt2" else None
         self.drop = LayoutDropout(cfg.dropout, "embed.drop")
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` (B, T): each token's own position (packed documents); else start, start + 1, ..."""
         x = self.tok(tokens).float()  # the residual stream is fp32, also where FSDP gathers the table in bf16
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
+            if positions is None:
+                positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            x = x + self.pos(positions)
         return self.drop(x)
 
 
 class LMHead(nn.Module):
-    """Logits and loss. GPT-2 ties the output projection to the token embedding (no parameter of its
-    own); Llama has its own `head.weight`."""
+    """Logits and loss. A tied head (GPT-2, and Llama-family models such as SmolLM2 with model.head =
+    "tied") uses the token embedding as its projection (no parameter of its own); otherwise it has its
+    own `head.weight`."""
 
     def __init__(self, cfg: ModelConfig, embedding: nn.Embedding | None):
         super().__init__()
@@ -51,10 +55,11 @@ class LMHead(nn.Module):
         """Mean next-token cross entropy, in fp32."""
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
-    def hidden_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def hidden_loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """The same loss from the final hidden states, `chunk_rows` tokens at a time: the full fp32
-        logits are never in memory (megaloom/model/loss.py)."""
-        return linear_cross_entropy(h, self._tied[0].weight if self._tied else self.weight, targets, self.chunk_rows)
+        logits are never in memory (megaloom/model/loss.py). `reduction="none"`: per token, no gradient."""
+        return linear_cross_entropy(h, self._tied[0].weight if self._tied else self.weight, targets, self.chunk_rows,
+                                    reduction)
 
 
 class Transformer(nn.Module):
@@ -86,33 +91,46 @@ class Transformer(nn.Module):
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.cfg.family == "llama" else None
 
-    def hidden_states(self, inputs: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (first stage) or the previous stage's hidden states -> this stage's output."""
+    def hidden_states(self, inputs: torch.Tensor, cache: KVCache | None = None,
+                      docs: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (first stage) or the previous stage's hidden states -> this stage's output. `docs`
+        (B, T) document ids of packed sequences (every stage gets them; under sequence parallelism the
+        whole sequence's): positions restart and attention stays inside each document."""
         x = inputs
+        packing = None
+        if docs is not None:
+            if cache is not None:
+                raise ValueError("packed documents (docs) and a KV cache do not go together; generate unpacked")
+            packing = Packing.from_docs(docs)
         if self.first:
             start = cache.length if cache is not None else 0
             if start + inputs.shape[1] > self.cfg.seq_len:
                 raise ValueError(f"sequence of {start + inputs.shape[1]} tokens exceeds model.seq_len ({self.cfg.seq_len})")
-            x = self.embed(inputs, start)
+            x = self.embed(inputs, start) if packing is None else self.embed(inputs, positions=packing.positions)
         rope = self.rope
         for block in self.layers.values():
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, packing)
         if cache is not None:
             cache.length += inputs.shape[1]
         return self.norm(x) if self.last else x
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) without targets; the mean next-token cross entropy (fp32) with them.
-        A stage that is not the last returns its hidden states."""
-        h = self.hidden_states(inputs, cache)
+                cache: KVCache | None = None, reduction: str = "mean", docs: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """Logits (B, T, V) without targets; the mean next-token cross entropy (fp32) with them, or with
+        `reduction="none"` each token's (B, T), no gradient (evaluation: megaloom/eval). A stage that is
+        not the last returns its hidden states. Everything goes through `forward`, so that wrappers
+        that hook it (FSDP2 gathering parameters) see every call. `docs`: packed documents (hidden_states)."""
+        h = self.hidden_states(inputs, cache, docs)
         if not self.last:
             return h
         if targets is None:
             return self.head(h)
-        return self.head.hidden_loss(h, targets)
+        return self.head.hidden_loss(h, targets, reduction)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return KVCache(self.cfg, batch, max_len or self.cfg.seq_len, p.device, dtype)
+        kv_heads = self.cfg.n_kv_heads // (self.tp.size if self.tp is not None else 1)  # this rank's heads
+        return KVCache(self.cfg, batch, max_len or self.cfg.seq_len, p.device, dtype,
+                       layer_ids=[int(i) for i in self.layers], kv_heads=kv_heads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console as RichConsole
@@ -51,6 +51,19 @@ class Console:
         with Progress(*columns, console=self.rich) as progress:
             task = progress.add_task("train", total=total, stats="")
             yield _Bar(progress, task, self.rich)
+
+    @contextlib.contextmanager
+    def counter(self, label: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+        """A bar over `total` items (evaluation requests): yields `advance(n)`. Plain output (a log
+        file, or disabled) prints nothing until the caller's own summary."""
+        if not enabled or not self.rich.is_terminal:
+            yield lambda n: None
+            return
+        columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn())
+        with Progress(*columns, console=self.rich, transient=True) as progress:
+            task = progress.add_task(label, total=total)
+            yield lambda n: progress.advance(task, n)
 
     def summary(self, run_dir: Path, first: float, final: float, val: float, ckpt: Path, samples: list[str],
                 first_step: int = 1) -> None:

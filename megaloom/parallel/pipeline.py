@@ -100,13 +100,14 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------ public
 
-    def forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+    def forward_backward(self, microbatches: list[tuple[torch.Tensor, ...]], precision: str,
                          loss_scale: float = 1.0) -> torch.Tensor:
-        """Forward and backward of every micro-batch; returns the summed mean loss (last stage; 0 elsewhere)."""
+        """Forward and backward of every micro-batch, (inputs, targets) or, with packed documents, (inputs,
+        targets, document ids); returns the summed mean loss (last stage; 0 elsewhere)."""
         return self._run(self.train_plan, microbatches, precision, loss_scale, train=True)
 
     @torch.no_grad()
-    def forward_only(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]], precision: str) -> torch.Tensor:
+    def forward_only(self, microbatches: list[tuple[torch.Tensor, ...]], precision: str) -> torch.Tensor:
         """Mean loss over any number of micro-batches (last stage; 0 elsewhere): chunk by chunk, all
         micro-batches through each, with its own communication plan."""
         p, v, m = self.schedule.pp, self.schedule.chunks, len(microbatches)
@@ -114,9 +115,31 @@ class PipelineRunner:
         plan = comm_plan(Schedule("forward-only", p, m, v, order))[self.link.pp_rank]
         return self._run(plan, microbatches, precision, 1.0, train=False)
 
+    @torch.no_grad()
+    def forward_outputs(self, microbatches: list[tuple[torch.Tensor, torch.Tensor | None]], precision: str,
+                        chunk_kwargs: list[dict] | None = None) -> list[torch.Tensor | None]:
+        """Forward only, for evaluation and generation: what the last stage returns for each micro-batch
+        (`chunk(x, y, **chunk_kwargs[c])`: per-token losses under reduction="none", logits when y is None);
+        None on the other ranks. The micro-batches may have any shape (B, T), one for all of them in a
+        call, and every rank of the pipeline passes the same shapes (the first stage also the tokens);
+        `chunk_kwargs[c]` go to every call of chunk c (its KV cache, the reduction)."""
+        b, t = microbatches[0][0].shape[:2]
+        tp = self.link.tp
+        local_t = t // tp.size if tp is not None and tp.sequence_parallel else t
+        outputs: list[torch.Tensor | None] = [None] * len(microbatches)
+        p, v, m = self.schedule.pp, self.schedule.chunks, len(microbatches)
+        order = tuple(tuple(Action(Op.FORWARD, mb, c) for c in range(v) for mb in range(m)) for _ in range(p))
+        plan = comm_plan(Schedule("forward-only", p, m, v, order))[self.link.pp_rank]
+        train_shape, self.act_shape = self.act_shape, (b, local_t, self.act_shape[-1])
+        try:
+            self._run(plan, microbatches, precision, 1.0, train=False, outputs=outputs, chunk_kwargs=chunk_kwargs)
+        finally:
+            self.act_shape = train_shape
+        return outputs
+
     # ------------------------------------------------------------------ interpreter
 
-    def _run(self, plan, microbatches, precision, loss_scale, train):
+    def _run(self, plan, microbatches, precision, loss_scale, train, outputs=None, chunk_kwargs=None):
         if train and len(microbatches) != self.schedule.microbatches:
             raise ValueError(f"the schedule has {self.schedule.microbatches} micro-batches, got {len(microbatches)}")
         self.stats = PipelineStats()
@@ -133,7 +156,7 @@ class PipelineRunner:
             st = states.setdefault((a.microbatch, a.chunk), _MicroState())
             self._finish_receives(st)
             if a.op is Op.FORWARD:
-                total += self._forward(a, st, microbatches, precision, loss_scale, train)
+                total += self._forward(a, st, microbatches, precision, loss_scale, train, outputs, chunk_kwargs)
                 in_flight = sum(1 for s in states.values() if s.output is not None)
                 self.stats.peak_in_flight = max(self.stats.peak_in_flight, in_flight)
             else:
@@ -154,16 +177,23 @@ class PipelineRunner:
     def _is_last(self, a: Action) -> bool:
         return virtual_stage(self.link.pp_rank, a.chunk, self.link.pp) == self.n_stages - 1
 
-    def _forward(self, a, st, microbatches, precision, loss_scale, train) -> torch.Tensor:
-        x, y = microbatches[a.microbatch]
+    def _forward(self, a, st, microbatches, precision, loss_scale, train, outputs=None,
+                 chunk_kwargs=None) -> torch.Tensor:
+        x, y, *docs = microbatches[a.microbatch]  # (x, y) or, packed, (x, y, docs): every stage reads its own copy
         chunk = self.chunks[a.chunk]
+        kwargs = chunk_kwargs[a.chunk] if chunk_kwargs is not None else {}
+        if docs:
+            kwargs = {**kwargs, "docs": docs[0]}
         if self._is_first(a):
             st.inputs = x
         elif train:
             st.inputs.requires_grad_(True)
         record = self.wgrad.recording((a.microbatch, a.chunk)) if self.wgrad and train else contextlib.nullcontext()
         with autocast(precision, self.device), record:
-            out = chunk(st.inputs, y) if self._is_last(a) else chunk(st.inputs)
+            out = chunk(st.inputs, y, **kwargs) if self._is_last(a) else chunk(st.inputs, **kwargs)
+        if self._is_last(a) and outputs is not None:  # forward_outputs: keep what the last stage returned
+            outputs[a.microbatch] = out
+            return torch.zeros((), device=self.device)
         if self._is_last(a):
             st.output = out / len(microbatches) * loss_scale
             return out.detach().float() / len(microbatches)

@@ -92,13 +92,16 @@ class ParallelEmbedding(nn.Module):
         self.pos = embed.pos  # replicated (GPT-2 only)
         self.drop = embed.drop
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` (B, T) of the whole sequence: each token's own position (packed documents)."""
         x = leave_tp(self.tok(tokens).float(), self.tp)  # the residual stream is fp32 (FSDP may gather bf16)
         if self.pos is not None:
-            T, offset = x.shape[1], start
-            if self.tp.sequence_parallel:
-                offset += self.tp.rank * T  # this rank's slice of the sequence
-            x = x + self.pos(torch.arange(offset, offset + T, device=tokens.device))
+            T = x.shape[1]
+            first = self.tp.rank * T if self.tp.sequence_parallel else 0  # this rank's slice of the sequence
+            if positions is not None:
+                x = x + self.pos(positions[:, first:first + T])
+            else:
+                x = x + self.pos(torch.arange(start + first, start + first + T, device=tokens.device))
         return self.drop(x)
 
 
@@ -128,12 +131,13 @@ class ParallelHead(nn.Module):
         w = self._tied[0].weight if self._tied else self.weight
         return F.linear(enter_tp(x, self.tp), w)
 
-    def hidden_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def hidden_loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """The loss from the final hidden states (the model's entry point): the logits stay split over
-        the vocabulary and are formed `chunk_rows` tokens at a time; -100 targets are ignored."""
+        the vocabulary and are formed `chunk_rows` tokens at a time; -100 targets are ignored.
+        `reduction="none"`: per token, no gradient."""
         w = self._tied[0].weight if self._tied else self.weight
         return vocab_parallel_linear_cross_entropy(enter_tp(h, self.tp), w, targets, self.tp, self.start,
-                                                   self.chunk_rows)
+                                                   self.chunk_rows, reduction)
 
 
 def parallelize_tensor(model: nn.Module, tp: TPGroup) -> nn.Module:

@@ -9,7 +9,8 @@ dtype, then fp32), the statistics, the loss, and at once its gradients with resp
 sum over this rank's vocabulary rows, which the column-parallel `f` before the head all-reduces, or
 reduce-scatters under sequence parallelism) and to the weight shard. Targets equal to -100 are left out
 of the mean, which divides by the number of the others (clamped to 1, no host sync), as
-`F.cross_entropy` and the single-device loss do.
+`F.cross_entropy` and the single-device loss do. `reduction="none"` (no gradient) returns each token's
+loss instead, as the single-device loss does, for evaluation.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ IGNORE_INDEX = -100
 
 
 def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TPGroup, start: int,
-                    chunk: int, dtype: torch.dtype, need_h: bool, need_w: bool):  # noqa: ANN202
+                    chunk: int, dtype: torch.dtype, need_h: bool, need_w: bool,
+                    per_token: torch.Tensor | None = None):  # noqa: ANN202
     w = weight.to(dtype)
     rows = w.shape[0]
     valid = targets != IGNORE_INDEX
@@ -46,7 +48,10 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         stats = torch.stack([z.sum(dim=-1), target])
         all_reduce_no_grad(stats, tp)  # one all-reduce for the sum of exponentials and the target logit
         sum_exp, target = stats[0], stats[1]
-        loss += ((sum_exp.log() - target) * vc).sum()
+        rows_loss = (sum_exp.log() - target) * vc
+        if per_token is not None:
+            per_token[sl] = rows_loss
+        loss += rows_loss.sum()
         if need_h or need_w:
             # d(mean CE)/dz = (softmax(z) - onehot(y)) / count on this rank's columns, 0 for ignored rows
             z.div_(sum_exp.unsqueeze(-1))
@@ -78,14 +83,23 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
 
 def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TPGroup,
-                                        start: int, chunk: int = 2048) -> torch.Tensor:
+                                        start: int, chunk: int = 2048, reduction: str = "mean") -> torch.Tensor:
     """Mean cross entropy of h @ weightᵀ where `weight` holds vocabulary rows [start, start + V/t) and
     `h` (..., hidden) is the full (all-gathered) input of the head; targets (...) with -100 ignored.
-    Under autocast the GEMMs run in the autocast dtype, as `F.linear` would."""
+    Under autocast the GEMMs run in the autocast dtype, as `F.linear` would. `reduction="none"`: each
+    token's loss (the same on every tp rank), shaped like `targets`, 0 where ignored; no gradient."""
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     h2, y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     with torch.autocast(dev, enabled=False):
+        if reduction == "none":
+            if torch.is_grad_enabled():
+                raise RuntimeError("reduction='none' computes no gradient; call it under torch.no_grad()")
+            out = torch.zeros(y.numel(), device=y.device, dtype=torch.float32)
+            _loss_and_grads(h2, weight, y, tp, start, chunk, dtype, False, False, out)
+            return out.view(targets.shape)
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             return _VocabParallelLinearCE.apply(h2, weight, y, tp, start, chunk, dtype)
         return _loss_and_grads(h2, weight, y, tp, start, chunk, dtype, False, False)[0]

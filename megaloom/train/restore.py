@@ -16,7 +16,7 @@ from megaloom.train.checkpoint import latest_checkpoint, load_weights
 def load_pretrained(path: Path, device: str = "auto") -> tuple[Transformer, Tokenizer, Config]:
     """Model, tokenizer and config of a checkpoint directory or of a run directory's newest checkpoint."""
     ckpt = latest_checkpoint(Path(path))
-    cfg = load_config(ckpt / "config.toml")
+    cfg = load_config(ckpt / "config.toml", ['model.pretrained=""'])  # the weights are the checkpoint's
     run_dir = ckpt.parent.parent
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     if device == "auto":

@@ -22,7 +22,16 @@ class StepResult:
     skipped: bool  # non-finite loss or gradients (fp16 overflow among them): the optimizer did not step
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[tuple[torch.Tensor, torch.Tensor]],
+def micro_loss(model: nn.Module, micro: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The mean loss of one micro-batch: (inputs, targets), or (inputs, targets, document ids) for packed
+    sequences (data.packing). Targets equal to -100 (prompt tokens of SFT, padding) are left out."""
+    if len(micro) == 2:
+        return model(*micro)  # the unpacked call, exactly as pretraining makes it
+    x, y, docs = micro
+    return model(x, y, docs=docs)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[tuple[torch.Tensor, ...]],
                *, precision: str = "fp32", scaler: DynamicLossScaler | None = None, grad_clip: float = 0.0,
                sync: GradSync | None = None, pipeline: PipelineRunner | None = None,
                inject: Callable[[list[nn.Parameter]], None] | None = None) -> StepResult:
@@ -46,11 +55,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
         total = pipeline.forward_backward(microbatches, precision, scaler.scale if scaler else 1.0) * len(microbatches)
     else:
         total = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(microbatches):
+        for i, micro in enumerate(microbatches):
             if i == len(microbatches) - 1:
                 sync.arm()  # data-parallel reduction overlaps with the last backward
             with autocast(precision, device):
-                loss = model(x, y)
+                loss = micro_loss(model, micro)
             total += loss.detach().float()
             scaled = loss / len(microbatches)
             if scaler is not None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from megaloom.config import Config, ConfigError, to_toml
 from megaloom.data import BatchLoader, TokenDataset, load_tokenizer
 from megaloom.data.loader import eval_batches
 from megaloom.data.prepare import CorpusInfo
+from megaloom.data.sft_loader import SFTBatchLoader, SFTDataset, sft_eval_batches
 from megaloom.errors import RunError
 from megaloom.model import count_parameters, generate
 from megaloom.model.dropout import LayoutDropout
@@ -44,7 +46,7 @@ from megaloom.train.checkpoint import (
 from megaloom.train.optim import lr_at, set_lr
 from megaloom.train.precision import DynamicLossScaler
 from megaloom.train.sharded_state import init_optimizer_state, model_entries, optimizer_entries, set_optimizer_step
-from megaloom.train.step import train_step
+from megaloom.train.step import micro_loss, train_step
 
 
 class TrainingStopped(RunError):
@@ -73,23 +75,41 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, corpus: CorpusInfo, console: Console,
-                 grid: ProcessGrid, device: torch.device):
+                 grid: ProcessGrid, device: torch.device, weights: Callable[[dict], str] | None = None,
+                 evals: Sequence[Callable[[Trainer], dict]] = ()):
+        """`weights`: what a fresh run starts from instead of its random initialisation (model.pretrained:
+        `megaloom.interop.PretrainedWeights`); it fills the pieces `model_entries` gives, in any layout.
+        `evals`: run with each validation, each returns metrics for the row (train.eval_tasks:
+        `megaloom.eval.training_evals`; passed in, since evaluation sits above the training loop)."""
+        self.evals = list(evals)
         self.cfg, self.run_dir, self.corpus, self.console = cfg, Path(run_dir), corpus, console
         self.grid, self.device = grid, device
+        if cfg.model.pretrained and weights is None:
+            raise ConfigError(f"model.pretrained = '{cfg.model.pretrained}' but no weights reader was given to the "
+                              "trainer; pass megaloom.interop.PretrainedWeights(cfg.model) (megaloom train does)")
+        self.weights = weights
         self.main = grid.rank == 0  # rank 0 writes the run directory and talks to the terminal
         m, t = cfg.model, cfg.train
         if corpus.vocab_size > m.vocab_size:
             raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
                               f"({corpus.vocab_size}); set model.vocab_size={_round_up(corpus.vocab_size, 64)}")
-        if corpus.val_tokens < m.seq_len + 1:
+        if t.objective == "lm" and corpus.val_tokens < m.seq_len + 1:
             raise ConfigError(f"the validation split of {corpus.directory} has {corpus.val_tokens} tokens, fewer than "
                               f"model.seq_len + 1 = {m.seq_len + 1}; raise data.val_fraction or add data")
+        if t.objective == "sft" and corpus.val_docs == 0:
+            raise ConfigError(f"the validation split of {corpus.directory} holds no conversation; raise "
+                              "data.val_fraction or add data")
         seed_everything(t.seed)
-        self.train_data = TokenDataset(corpus.directory, "train")
-        self.val_data = TokenDataset(corpus.directory, "val")
         # every data-parallel replica reads its slice of the same global batch
-        self.loader = BatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed, dp_rank=grid.dp_rank,
-                                  dp_size=grid.dp, pin_memory=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        if t.objective == "sft":  # conversations, padded or packed; -100 targets outside the assistant's turns
+            self.train_data, self.val_data = SFTDataset(corpus.directory, "train"), SFTDataset(corpus.directory, "val")
+            self.loader = SFTBatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed,
+                                         packing=cfg.data.packing, dp_rank=grid.dp_rank, dp_size=grid.dp, pin_memory=pin)
+        else:
+            self.train_data, self.val_data = TokenDataset(corpus.directory, "train"), TokenDataset(corpus.directory, "val")
+            self.loader = BatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed, dp_rank=grid.dp_rank,
+                                      dp_size=grid.dp, pin_memory=pin)
         self.parts = setup_training(cfg, grid, self.device)
         self.tp, self.runner = self.parts.tp, self.parts.runner
         self.model, self.optimizer, self.sync = self.parts.model, self.parts.optimizer, self.parts.sync
@@ -149,6 +169,8 @@ class Trainer:
                             self.phase = f"the evaluation after step {self.step}"
                             with self.parts.comm_paused():  # comm_bytes counts training steps only
                                 row["val_loss"] = final_val = self.evaluate()
+                                for evaluate in self.evals:
+                                    row.update(evaluate(self))
                         if logger is not None:
                             logger.log(row)
                         bar.update(self.step, row)
@@ -181,9 +203,8 @@ class Trainer:
         t = self.cfg.train
         self.phase = f"training step {self.step + 1} (forward, backward, gradient reduction, update)"
         set_lr(self.optimizer, lr_at(self.step, t))
-        x, y = self.loader.next_batch()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
+        batch = [b.to(self.device, non_blocking=True) for b in self.loader.next_batch()]  # (x, y) or (x, y, docs)
+        micro = list(zip(*(b.split(t.micro_batch) for b in batch)))
         result = train_step(self.step_model, self.optimizer, micro, precision=t.precision,
                             scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync,
                             pipeline=self.runner, inject=self.fault_hook())
@@ -240,15 +261,18 @@ class Trainer:
     def evaluate(self) -> float:
         t, m = self.cfg.train, self.cfg.model
         self.model.eval()
-        batches = [(x.to(self.device), y.to(self.device))
-                   for x, y in eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches)]
+        if t.objective == "sft":
+            batches = sft_eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches, self.cfg.data.packing)
+        else:
+            batches = eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches)
+        batches = [tuple(b.to(self.device) for b in mb) for mb in batches]
         if self.runner is not None:
             loss = self.runner.forward_only(batches, t.precision)
         else:
             losses = []
-            for x, y in batches:
+            for mb in batches:
                 with autocast(t.precision, self.device):
-                    losses.append(self.model(x, y).float())
+                    losses.append(micro_loss(self.model, mb).float())
             loss = torch.stack(losses).mean()
         loss = self.reduce_loss(loss)  # every replica evaluates the same batches: the mean is the same
         self.model.train()
@@ -292,6 +316,8 @@ class Trainer:
         self.phase = "loading a checkpoint"
         ckpt = self._choose_checkpoint()
         if ckpt is None:
+            if self.weights is not None:  # a fresh run from pretrained weights: the same pieces a checkpoint fills
+                self.console.print(f"    loaded {self.weights(model_entries(self.model))}")
             self._truncate_metrics(0)
             return
         state = model_entries(self.model)
@@ -416,6 +442,14 @@ class Trainer:
             out.append(self.tokenizer.decode(seq[0].tolist()))
         return out
 
+    def sft_summary(self) -> str:
+        """Conversations, how they sit in rows, how many are cut, what the loss counts."""
+        d, seq, loader = self.cfg.data, self.cfg.model.seq_len, self.loader
+        cut = int((loader.dataset.bounds[:, 1] - loader.dataset.bounds[:, 0] > seq + 1).sum())
+        rows = f"packed {loader.num_docs / max(1, len(loader.rows)):.1f} per row" if d.packing else "one per row"
+        return (f"; SFT: {loader.num_docs:,} train conversations, {rows}{f', {cut} cut to {seq + 1} tokens' if cut else ''}"
+                f", loss on {'every token' if d.train_on_prompt else 'assistant tokens'}")
+
     def describe(self) -> list[tuple[str, str]]:
         m, t = self.cfg.model, self.cfg.train
         accum = t.global_batch // t.micro_batch
@@ -423,7 +457,8 @@ class Trainer:
             ("model", f"{m.family}, {count_parameters(m) / 1e6:.2f}M parameters (l={m.layers}, h={m.hidden}, "
                       f"a={m.heads}, s={m.seq_len}, V={m.vocab_size})"),
             ("data", f"{self.corpus.train_tokens:,} train / {self.corpus.val_tokens:,} validation tokens, "
-                     f"{self.corpus.tokenizer} tokenizer ({self.corpus.vocab_size} tokens)"),
+                     f"{self.corpus.tokenizer} tokenizer ({self.corpus.vocab_size} tokens)"
+                     + (self.sft_summary() if t.objective == "sft" else "")),
             ("batch", f"{t.global_batch} x {m.seq_len} tokens = {t.micro_batch} per micro-batch x {accum} accumulation"),
             ("grid", f"tp={self.grid.tp} pp={self.grid.pp} dp={self.grid.dp}"
                      f"{f', {self.cfg.parallel.schedule} schedule' if self.runner else ''}"

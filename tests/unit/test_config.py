@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from megaloom.config import ConfigError, describe, load_config, parse_override, to_toml
 
 CONFIGS = ["configs/debug.toml", "configs/demo.toml", "configs/gpt2-124m.toml", "configs/gpt-1.3b.toml",
-           "configs/llama-style-small.toml"]
+           "configs/llama-style-small.toml", "configs/sft-stdlib.toml"]
 
 
 @pytest.mark.parametrize("path", CONFIGS)

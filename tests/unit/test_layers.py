@@ -19,10 +19,21 @@ ALLOWED = {
     "megaloom.errors": set(),
     "megaloom.layout": {"megaloom.errors"},
     "megaloom.precision": set(),
-    "megaloom.config": BOTTOM,
+    # model.pretrained: the config reads a pretrained model's shape through interop.hparams, which itself
+    # imports nothing of megaloom but the bottom modules (weights are read from interop's upper modules)
+    "megaloom.config": BOTTOM | {"megaloom.interop.hparams"},
+    "megaloom.interop.hparams": BOTTOM,
     "megaloom.parallel": BOTTOM | {"megaloom.config"},
     "megaloom.model": BOTTOM | {"megaloom.config", "megaloom.parallel"},
     "megaloom.data": BOTTOM | {"megaloom.config"},
+    "megaloom.interop": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
+                                  "megaloom.train"},
+    # evaluation and chat load models through interop and run them with the training stack
+    "megaloom.eval": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
+                               "megaloom.train", "megaloom.observe", "megaloom.interop"},
+    # alignment (reward model, DPO, PPO, GRPO) sits on the training stack, like tune and eval
+    "megaloom.align": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
+                                "megaloom.train", "megaloom.observe"},
 }
 
 
