@@ -93,17 +93,22 @@ def prepare_corpus(
     }
     if tokenizer == "pretrained":  # only then: the other corpora keep their hashes
         settings["pretrained"] = str(Path(pretrained).resolve())
+    say = progress or (lambda _msg: None)
+    return build_once(Path(out_dir), settings, lambda tmp: _build(tmp, sources, settings, say))
+
+
+def build_once(out_dir: Path, settings: dict, build: Callable[[Path], CorpusInfo]) -> CorpusInfo:
+    """The corpus of `settings` in out_dir: the one already there when its settings hash matches, else
+    `build(tmp)` into a temporary sibling directory, published atomically with its metadata."""
     digest = settings_hash(settings)
-    out_dir = Path(out_dir)
     existing = _existing(out_dir, digest)
     if existing is not None:
         return existing
-    say = progress or (lambda _msg: None)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run that had our pid
     tmp.mkdir(parents=True)
     try:
-        info = _build(tmp, sources, settings, say)
+        info = build(tmp)
         _write_meta(tmp, info, settings, digest)
         return _publish(tmp, out_dir, digest, info)
     finally:

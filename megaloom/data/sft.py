@@ -19,8 +19,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +31,8 @@ from megaloom.data.prepare import (
     FORMAT_VERSION,
     CorpusInfo,
     Progress,
-    _existing,
-    _publish,
-    _write_meta,
+    build_once,
     is_validation,
-    settings_hash,
 )
 from megaloom.data.sources import DataError
 from megaloom.data.tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
@@ -144,16 +139,9 @@ def prepare_sft_corpus(sources: list[str], out_dir: Path, *, fmt: str = "auto", 
         "tokenizer_dir": files_hash(Path(tokenizer_dir)) if tokenizer_dir else "",
         "train_on_prompt": bool(train_on_prompt),
     }
-    digest = settings_hash(settings)
-    out_dir = Path(out_dir)
-    existing = _existing(out_dir, digest)
-    if existing is not None:
-        return existing
     say = progress or (lambda _msg: None)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def build(tmp: Path) -> CorpusInfo:
         say(f"reading conversations from {', '.join(sources)}")
         records = list(_limited(iter_conversations(sources, fmt), max_bytes))
         if not records:
@@ -168,12 +156,10 @@ def prepare_sft_corpus(sources: list[str], out_dir: Path, *, fmt: str = "auto", 
         say(f"rendering {len(records)} conversations with {template.name}")
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
         counts = _encode(tmp, tok, template, dtype, records, is_val, train_on_prompt)
-        info = CorpusInfo(directory=tmp, tokenizer=tok.kind, vocab_size=tok.vocab_size,
+        return CorpusInfo(directory=tmp, tokenizer=tok.kind, vocab_size=tok.vocab_size,
                           eos_id=tok.eos_id, dtype=np.dtype(dtype).name, sources=list(sources), **counts)
-        _write_meta(tmp, info, settings, digest)
-        return _publish(tmp, out_dir, digest, info)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    return build_once(Path(out_dir), settings, build)
 
 
 def files_hash(directory: Path) -> str:

@@ -233,6 +233,19 @@ class PipelineRun:
     peak_in_flight: list[int]
     last_backward: dict[int, tuple[float, float]]  # per virtual stage: (start, end) of its last B or W
 
+    def record(self, r: int, now: float, d: float, code: int, mb: int, chunk: int, stage: int) -> float:
+        """Rank r runs a pass of `d` seconds from `now`; returns when it ends."""
+        self.spans.append((r, now, now + d, code, mb, chunk))
+        self.busy[r] += d
+        if code == _B or code == _W:
+            self.last_backward[stage] = (now, now + d)
+        return now + d
+
+    def check_done(self, pos: list[int], lists: tuple, what: str) -> None:
+        stuck = [r for r in range(len(pos)) if pos[r] < len(lists[r])]
+        if stuck:
+            raise ScheduleError(f"simulation of {what} deadlocked on ranks {stuck}")
+
 
 def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> PipelineRun:
     """Walk every rank's lowered action list in order, each action as early as its rank and its inputs
@@ -247,9 +260,8 @@ def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> Pipeline
         p2p[s] = p2p_seconds(job, s % p, (s + 1) % p) if p > 1 and with_p2p else 0.0
     schedule, lists = compiled(lay.schedule_kind, p, job.microbatches, v)
     arrivals: dict[int, float] = {}
-    clock, busy, pos = [0.0] * p, [0.0] * p, [0] * p
-    spans: list[tuple[int, float, float, int, int, int]] = []
-    last_backward: dict[int, tuple[float, float]] = {}
+    clock, pos = [0.0] * p, [0] * p
+    run = PipelineRun([], [0.0] * p, clock, list(in_flight(schedule)), {})
     progressed = True
     while progressed:
         progressed = False
@@ -265,20 +277,13 @@ def run_pipeline(job: Job, costs: StageCosts, with_p2p: bool = True) -> Pipeline
                 elif code == _SEND:
                     arrivals[key] = now + p2p[min(stage, to)]
                 else:
-                    d = durations[stage][code]
-                    spans.append((r, now, now + d, code, mb, chunk))
-                    now += d
-                    busy[r] += d
-                    if code == _B or code == _W:
-                        last_backward[stage] = (now - d, now)
+                    now = run.record(r, now, durations[stage][code], code, mb, chunk, stage)
                 i += 1
             if i != pos[r]:
                 progressed = True
             pos[r], clock[r] = i, now
-    stuck = [r for r in range(p) if pos[r] < len(lists[r])]
-    if stuck:
-        raise ScheduleError(f"simulation of {lay.schedule_kind.value} deadlocked on ranks {stuck}")
-    return PipelineRun(spans, busy, clock, list(in_flight(schedule)), last_backward)
+    run.check_done(pos, lists, lay.schedule_kind.value)
+    return run
 
 
 def _run_blocking(job: Job, durations: list[list[float]], with_p2p: bool) -> PipelineRun:
@@ -292,9 +297,8 @@ def _run_blocking(job: Job, durations: list[list[float]], with_p2p: bool) -> Pip
     lists = compiled_blocking(lay.schedule_kind, p, job.microbatches, lay.chunks)
     wire = {(a, b): p2p_seconds(job, a, b) if with_p2p else 0.0 for a in range(p) for b in ((a + 1) % p, (a - 1) % p)}
     posted: dict = {}  # transfer -> the times its ends were posted
-    clock, busy, pos, waiting = [0.0] * p, [0.0] * p, [0] * p, [False] * p
-    spans: list[tuple[int, float, float, int, int, int]] = []
-    last_backward: dict[int, tuple[float, float]] = {}
+    clock, pos, waiting = [0.0] * p, [0] * p, [False] * p
+    run = PipelineRun([], [0.0] * p, clock, list(in_flight(schedule)), {})
     progressed = True
     while progressed:
         progressed = False
@@ -313,19 +317,12 @@ def _run_blocking(job: Job, durations: list[list[float]], with_p2p: bool) -> Pip
                     waiting[r] = False
                 else:
                     code, mb, chunk, stage = step
-                    d = durations[stage][code]
-                    spans.append((r, now, now + d, code, mb, chunk))
-                    now += d
-                    busy[r] += d
-                    if code == _B or code == _W:
-                        last_backward[stage] = (now - d, now)
+                    now = run.record(r, now, durations[stage][code], code, mb, chunk, stage)
                 i += 1
                 progressed = True
             pos[r], clock[r] = i, now
-    stuck = [r for r in range(p) if pos[r] < len(lists[r])]
-    if stuck:
-        raise ScheduleError(f"blocking simulation of {lay.schedule_kind.value} deadlocked on ranks {stuck}")
-    return PipelineRun(spans, busy, clock, list(in_flight(schedule)), last_backward)
+    run.check_done(pos, lists, f"blocking {lay.schedule_kind.value}")
+    return run
 
 
 def pass_seconds(job: Job, costs: StageCosts, stage: int, code: int) -> float:
