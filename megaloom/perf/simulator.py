@@ -194,20 +194,23 @@ _BATCH = 6
 
 
 @lru_cache(maxsize=64)
-def compiled_blocking(kind: ScheduleKind, p: int, m: int, v: int) -> tuple[tuple[tuple, ...], ...]:
-    """Per rank, the steps of the blocking program as plain tuples: a pass (code, microbatch, chunk, stage)
-    or a batch (_BATCH, ((transfer, sender, receiver), ...)) posted and completed together. 1F1B and
-    interleaved: Megatron-LM 2021's own program (`megatron_plan`); other schedules, which it did not
-    have: `p2p_plan.comm_plan`'s batches, the plan megaloom's runtime runs under NCCL."""
+def compiled_blocking(kind: ScheduleKind, p: int, m: int, v: int) -> tuple[tuple[int, ...], tuple[tuple[tuple, ...], ...]]:
+    """The schedule's activations in flight per rank, and per rank the steps of the blocking program as
+    plain tuples: a pass (code, microbatch, chunk, stage) or a batch (_BATCH, ((transfer, sender,
+    receiver), ...)) posted and completed together. 1F1B and interleaved: Megatron-LM 2021's own program
+    (`megatron_plan`); other schedules, which it did not have: `p2p_plan.comm_plan`'s batches, the plan
+    megaloom's runtime runs under NCCL. Cached: the simulator walks it twice (with and without wire)."""
+    schedule = build_schedule(kind, p, m, v)
+    flight = tuple(in_flight(schedule))
     out = []
     if kind in (ScheduleKind.ONE_F_ONE_B, ScheduleKind.INTERLEAVED):
         for r, steps in enumerate(megatron_plan(p, m, v)):
             out.append(tuple((_BATCH, tuple((t, t[0], t[1]) for t in st[1])) if st[0] == "batch"
                              else ((_F if st[0] == "F" else _B), st[1], st[2], virtual_stage(r, st[2], p))
                              for st in steps))
-        return tuple(out)
+        return flight, tuple(out)
     stages = p * v
-    for r, steps in enumerate(comm_plan(build_schedule(kind, p, m, v))):
+    for r, steps in enumerate(comm_plan(schedule)):
         rows = []
         for st in steps:
             if isinstance(st, P2PBatch):
@@ -222,7 +225,7 @@ def compiled_blocking(kind: ScheduleKind, p: int, m: int, v: int) -> tuple[tuple
             else:
                 rows.append((_CODE[st.op], st.microbatch, st.chunk, virtual_stage(r, st.chunk, p)))
         out.append(tuple(rows))
-    return tuple(out)
+    return flight, tuple(out)
 
 
 @dataclass
@@ -293,12 +296,11 @@ def _run_blocking(job: Job, durations: list[list[float]], with_p2p: bool) -> Pip
     and a transfer starts once both its ends are posted (NCCL holds a send until the receive is posted)."""
     lay = job.layout
     p = lay.pp
-    schedule = build_schedule(lay.schedule_kind, p, job.microbatches, lay.chunks)
-    lists = compiled_blocking(lay.schedule_kind, p, job.microbatches, lay.chunks)
+    flight, lists = compiled_blocking(lay.schedule_kind, p, job.microbatches, lay.chunks)
     wire = {(a, b): p2p_seconds(job, a, b) if with_p2p else 0.0 for a in range(p) for b in ((a + 1) % p, (a - 1) % p)}
     posted: dict = {}  # transfer -> the times its ends were posted
     clock, pos, waiting = [0.0] * p, [0] * p, [False] * p
-    run = PipelineRun([], [0.0] * p, clock, list(in_flight(schedule)), {})
+    run = PipelineRun([], [0.0] * p, clock, list(flight), {})
     progressed = True
     while progressed:
         progressed = False
