@@ -142,6 +142,33 @@ class TrainConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (docs/finetune.md): the base model frozen, only the method's own
+    parameters trained, saved and exported (as PEFT adapters)."""
+
+    method: Literal["none", "lora", "dora", "adapter", "prefix", "prompt", "ia3"] = _f(
+        "none", "none = full training; lora | dora (weight-decomposed LoRA) | adapter (Houlsby bottleneck after "
+                "attention and MLP) | prefix (prefix tuning: learned keys/values per layer) | prompt (soft prompt "
+                "tuning) | ia3 (learned rescaling of keys, values and the MLP)")
+    rank: int = _f(8, "LoRA/DoRA rank r")
+    alpha: float = _f(16.0, "LoRA/DoRA scaling numerator: the update is (alpha / rank) B A (alpha / sqrt(rank) with rslora)")
+    dropout: float = _f(0.0, "dropout on the LoRA/DoRA input")
+    rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha / sqrt(rank) (Kalajdzievski 2023)")
+    targets: list[str] = _f([], "Hugging Face module names the method adapts: q_proj k_proj v_proj o_proj gate_proj "
+                                "up_proj down_proj (llama), c_attn c_proj c_fc (gpt2; c_proj = both attention's and the "
+                                "MLP's, as PEFT matches it); empty = PEFT's default for the family and method")
+    bottleneck: int = _f(64, "adapter: the bottleneck width of the Houlsby adapters")
+    virtual_tokens: int = _f(20, "prefix and prompt tuning: number of virtual tokens")
+    prompt_init_text: str = _f("", "prompt tuning: initialise the virtual tokens from the embeddings of this text "
+                                   "(PEFT's TEXT init); empty = random")
+    init: str = _f("", "a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from; "
+                       "its method and keys override the ones here")
+    quantize_base: Literal["none", "nf4"] = _f(
+        "none", "nf4 = QLoRA: the frozen base linears held in 4-bit NormalFloat (torchao); adapters stay in "
+                "the training precision")
+
+
+@dataclass
 class ParallelConfig:
     tp: int = _f(1, "tensor-parallel size")
     pp: int = _f(1, "pipeline-parallel size")
@@ -192,6 +219,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
