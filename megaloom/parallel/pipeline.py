@@ -69,14 +69,30 @@ class PipelineStats:
     trace: list[str] = field(default_factory=list)  # the plan's steps as executed: passes and p2p batches
 
 
+def next_token_call(chunk: nn.Module, inputs: torch.Tensor, micro: tuple[torch.Tensor, ...], last: bool = True,
+                    **kwargs) -> torch.Tensor:
+    """How a chunk runs one micro-batch of next-token prediction: `micro` is (token ids, targets) or, with
+    packed documents, (token ids, targets, document ids) (every stage gets the document ids); the last
+    stage returns what the model returns for targets (the mean loss, or logits when they are None)."""
+    _, y, *docs = micro
+    if docs:
+        kwargs = {**kwargs, "docs": docs[0]}
+    return chunk(inputs, y, **kwargs) if last else chunk(inputs, **kwargs)
+
+
 class PipelineRunner:
-    """Runs the training (or forward-only) actions of one pipeline rank over its model chunks."""
+    """Runs the training (or forward-only) actions of one pipeline rank over its model chunks.
+
+    `call(chunk, inputs, micro, last, **kwargs)` runs one micro-batch through one chunk (the training
+    objective's: megaloom/train/objective.py); next-token prediction unless the trainer sets it.
+    Evaluation and generation (`forward_outputs`) always use next-token prediction's."""
 
     def __init__(self, chunks: list[nn.Module], schedule: Schedule, link: StageLink, act_shape: tuple[int, ...],
                  device: torch.device, strict_p2p: bool = False):
         self.chunks, self.schedule, self.link = chunks, schedule, link
         self.act_shape, self.device = act_shape, device  # (micro_batch, local seq, hidden)
         self.strict_p2p = strict_p2p  # parallel.strict_p2p: wait for every batch right after issuing it
+        self.call = next_token_call
         self.train_plan = comm_plan(schedule)[link.pp_rank]  # the same transfers, batched NCCL-safe
         # the residual stream's dtype (fp32 parameters: fp32 even under autocast); the wire may be narrower
         floats = [p.dtype for c in chunks for p in c.parameters() if p.is_floating_point()]
@@ -143,6 +159,7 @@ class PipelineRunner:
         if train and len(microbatches) != self.schedule.microbatches:
             raise ValueError(f"the schedule has {self.schedule.microbatches} micro-batches, got {len(microbatches)}")
         self.stats = PipelineStats()
+        self._wire_shape = self._shape(chunk_kwargs)
         # on the wire: the autocast dtype (bf16 under bf16), else the residual stream's own dtype
         self.wire_dtype = DTYPES[precision] if precision != "fp32" else self.residual_dtype
         states: dict[tuple[int, int], _MicroState] = {}
@@ -179,18 +196,17 @@ class PipelineRunner:
 
     def _forward(self, a, st, microbatches, precision, loss_scale, train, outputs=None,
                  chunk_kwargs=None) -> torch.Tensor:
-        x, y, *docs = microbatches[a.microbatch]  # (x, y) or, packed, (x, y, docs): every stage reads its own copy
+        micro = microbatches[a.microbatch]  # every stage reads its own copy (token ids first)
         chunk = self.chunks[a.chunk]
         kwargs = chunk_kwargs[a.chunk] if chunk_kwargs is not None else {}
-        if docs:
-            kwargs = {**kwargs, "docs": docs[0]}
         if self._is_first(a):
-            st.inputs = x
+            st.inputs = micro[0]
         elif train:
             st.inputs.requires_grad_(True)
         record = self.wgrad.recording((a.microbatch, a.chunk)) if self.wgrad and train else contextlib.nullcontext()
+        call = next_token_call if outputs is not None else self.call
         with autocast(precision, self.device), record:
-            out = chunk(st.inputs, y, **kwargs) if self._is_last(a) else chunk(st.inputs, **kwargs)
+            out = call(chunk, st.inputs, micro, self._is_last(a), **kwargs)
         if self._is_last(a) and outputs is not None:  # forward_outputs: keep what the last stage returned
             outputs[a.microbatch] = out
             return torch.zeros((), device=self.device)
@@ -263,9 +279,21 @@ class PipelineRunner:
                 st.grad = full.to(st.output.dtype)  # the gradient of what this stage produced, in its dtype
         st.pending.clear()
 
+    def _shape(self, chunk_kwargs: list[dict] | None) -> tuple[int, ...]:
+        """The activations' shape this run: `act_shape`, longer by the tokens the model puts before the
+        inputs (prompt tuning's soft prompt, `Transformer.prepended`; split over tp under sequence
+        parallelism like the rest of the sequence)."""
+        cache = chunk_kwargs[0].get("cache") if chunk_kwargs else None
+        extra = self.chunks[0].prepended(cache) if hasattr(self.chunks[0], "prepended") else 0
+        tp = self.link.tp
+        if extra and tp is not None and tp.sequence_parallel:
+            extra //= tp.size
+        b, t, h = self.act_shape
+        return (b, t + extra, h)
+
     def _wire_numel(self) -> int:
         n = 1
-        for d in self.act_shape:
+        for d in self._wire_shape:
             n *= d
         return n // self.link.tp.size if self.link.scatter else n
 
@@ -282,7 +310,7 @@ class PipelineRunner:
             self.link.tp.counter.add("all_gather", buf.numel() * buf.element_size() * self.link.tp.size,
                                      self.link.tp.size)
             buf = torch.cat(parts)
-        return buf.view(self.act_shape).detach()
+        return buf.view(self._wire_shape).detach()
 
 
 def rank_chunk_layers(pp_rank: int, pp: int, chunks: int, stages: list[range]) -> list[range]:

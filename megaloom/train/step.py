@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from megaloom.parallel.grads import GradSync, clip_
-from megaloom.parallel.pipeline import PipelineRunner
+from megaloom.parallel.pipeline import PipelineRunner, next_token_call
 from megaloom.precision import autocast
 from megaloom.train.precision import DynamicLossScaler
 
@@ -22,19 +22,11 @@ class StepResult:
     skipped: bool  # non-finite loss or gradients (fp16 overflow among them): the optimizer did not step
 
 
-def micro_loss(model: nn.Module, micro: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The mean loss of one micro-batch: (inputs, targets), or (inputs, targets, document ids) for packed
-    sequences (data.packing). Targets equal to -100 (prompt tokens of SFT, padding) are left out."""
-    if len(micro) == 2:
-        return model(*micro)  # the unpacked call, exactly as pretraining makes it
-    x, y, docs = micro
-    return model(x, y, docs=docs)
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[tuple[torch.Tensor, ...]],
                *, precision: str = "fp32", scaler: DynamicLossScaler | None = None, grad_clip: float = 0.0,
                sync: GradSync | None = None, pipeline: PipelineRunner | None = None,
-               inject: Callable[[list[nn.Parameter]], None] | None = None) -> StepResult:
+               inject: Callable[[list[nn.Parameter]], None] | None = None,
+               micro_loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor] | None = None) -> StepResult:
     """Accumulate gradients of the mean loss over equal-sized micro-batches, then step.
 
     Each micro-batch loss is divided by their number, so k micro-batches of b sequences give the
@@ -42,12 +34,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
     `sync` completes gradients and computes the global norm across a process grid; `pipeline` runs the
     micro-batches through the pipeline schedule instead of one after the other (the returned loss is
     then only known on the last stage, 0 elsewhere). `inject` runs between backward and the update:
-    the fault-injection hook of tests and drills.
+    the fault-injection hook of tests and drills. `micro_loss(model, micro)` is the objective's mean loss
+    of one micro-batch (megaloom/train/objective.py), next-token prediction unless given; under a
+    pipeline the runner's `call` plays that part.
 
     A step whose global gradient norm is not finite (a non-finite loss makes it so) is skipped on every
     rank: the norm is reduced over the whole grid, so all ranks decide alike. That costs one host sync.
     """
     sync = sync or GradSync(model)
+    micro_loss = micro_loss or (lambda m, micro: next_token_call(m, micro[0], micro))
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     sync.zero_grad(optimizer)

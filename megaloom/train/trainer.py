@@ -18,10 +18,8 @@ import numpy as np
 import torch
 
 from megaloom.config import Config, ConfigError, to_toml
-from megaloom.data import BatchLoader, TokenDataset, load_tokenizer
-from megaloom.data.loader import eval_batches
+from megaloom.data import load_tokenizer
 from megaloom.data.prepare import CorpusInfo
-from megaloom.data.sft_loader import SFTBatchLoader, SFTDataset, sft_eval_batches
 from megaloom.errors import RunError
 from megaloom.model import count_parameters, generate
 from megaloom.model.dropout import LayoutDropout
@@ -46,7 +44,8 @@ from megaloom.train.checkpoint import (
 from megaloom.train.optim import lr_at, set_lr
 from megaloom.train.precision import DynamicLossScaler
 from megaloom.train.sharded_state import init_optimizer_state, model_entries, optimizer_entries, set_optimizer_step
-from megaloom.train.step import micro_loss, train_step
+from megaloom.train.objective import Objective, builtin_objective
+from megaloom.train.step import train_step
 
 
 class TrainingStopped(RunError):
@@ -76,11 +75,13 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, corpus: CorpusInfo, console: Console,
                  grid: ProcessGrid, device: torch.device, weights: Callable[[dict], str] | None = None,
-                 evals: Sequence[Callable[[Trainer], dict]] = ()):
+                 evals: Sequence[Callable[[Trainer], dict]] = (), objective: Objective | None = None):
         """`weights`: what a fresh run starts from instead of its random initialisation (model.pretrained:
         `megaloom.interop.PretrainedWeights`); it fills the pieces `model_entries` gives, in any layout.
         `evals`: run with each validation, each returns metrics for the row (train.eval_tasks:
-        `megaloom.eval.training_evals`; passed in, since evaluation sits above the training loop)."""
+        `megaloom.eval.training_evals`; passed in, since evaluation sits above the training loop).
+        `objective`: what the run trains for (train.objective); lm and sft are built in, the objectives of
+        higher layers (alignment, distillation) are passed in by the command line."""
         self.evals = list(evals)
         self.cfg, self.run_dir, self.corpus, self.console = cfg, Path(run_dir), corpus, console
         self.grid, self.device = grid, device
@@ -93,25 +94,18 @@ class Trainer:
         if corpus.vocab_size > m.vocab_size:
             raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
                               f"({corpus.vocab_size}); set model.vocab_size={_round_up(corpus.vocab_size, 64)}")
-        if t.objective == "lm" and corpus.val_tokens < m.seq_len + 1:
-            raise ConfigError(f"the validation split of {corpus.directory} has {corpus.val_tokens} tokens, fewer than "
-                              f"model.seq_len + 1 = {m.seq_len + 1}; raise data.val_fraction or add data")
-        if t.objective == "sft" and corpus.val_docs == 0:
-            raise ConfigError(f"the validation split of {corpus.directory} holds no conversation; raise "
-                              "data.val_fraction or add data")
+        self.objective = objective or builtin_objective(cfg)
+        if self.objective.name != t.objective:
+            raise ConfigError(f"train.objective = \"{t.objective}\" but the trainer was given the "
+                              f"\"{self.objective.name}\" objective; pass the one the config names")
+        self.objective.check(corpus)
         seed_everything(t.seed)
-        # every data-parallel replica reads its slice of the same global batch
-        pin = self.device.type == "cuda"
-        if t.objective == "sft":  # conversations, padded or packed; -100 targets outside the assistant's turns
-            self.train_data, self.val_data = SFTDataset(corpus.directory, "train"), SFTDataset(corpus.directory, "val")
-            self.loader = SFTBatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed,
-                                         packing=cfg.data.packing, dp_rank=grid.dp_rank, dp_size=grid.dp, pin_memory=pin)
-        else:
-            self.train_data, self.val_data = TokenDataset(corpus.directory, "train"), TokenDataset(corpus.directory, "val")
-            self.loader = BatchLoader(self.train_data, m.seq_len, t.global_batch, seed=t.seed, dp_rank=grid.dp_rank,
-                                      dp_size=grid.dp, pin_memory=pin)
+        self.objective.open(corpus, grid, pin_memory=self.device.type == "cuda")
+        self.loader = self.objective.loader
         self.parts = setup_training(cfg, grid, self.device)
         self.tp, self.runner = self.parts.tp, self.parts.runner
+        if self.runner is not None:
+            self.runner.call = self.objective.call
         self.model, self.optimizer, self.sync = self.parts.model, self.parts.optimizer, self.parts.sync
         self.step_model = torch.compile(self.model) if t.compile else self.model
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
@@ -164,11 +158,13 @@ class Trainer:
                         now = time.perf_counter()
                         tokens = len(self.pending) * tokens_per_step
                         row = self.metrics_row(loss, result.grad_norm, tokens / (now - last_time))
+                        row.update(self.objective_metrics())
                         self.pending = []
                         if eval_now:
                             self.phase = f"the evaluation after step {self.step}"
                             with self.parts.comm_paused():  # comm_bytes counts training steps only
                                 row["val_loss"] = final_val = self.evaluate()
+                                row.update(self.objective_metrics("val_"))
                                 for evaluate in self.evals:
                                     row.update(evaluate(self))
                         if logger is not None:
@@ -207,7 +203,7 @@ class Trainer:
         micro = list(zip(*(b.split(t.micro_batch) for b in batch)))
         result = train_step(self.step_model, self.optimizer, micro, precision=t.precision,
                             scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync,
-                            pipeline=self.runner, inject=self.fault_hook())
+                            pipeline=self.runner, inject=self.fault_hook(), micro_loss=self.objective.micro_loss)
         if result.skipped:
             self.skipped += 1
             self.consecutive_skips += 1
@@ -257,22 +253,27 @@ class Trainer:
             value = value / self.grid.dp
         return value
 
+    def objective_metrics(self, prefix: str = "") -> dict:
+        """The objective's own metrics (e.g. DPO's rewards/margin) over the micro-batches since the last
+        call, reduced over the grid like the loss: one collective, on every rank."""
+        names = self.objective.metric_names
+        if not names:
+            return {}
+        values = self.reduce_loss(self.objective.take_metrics(self.device)).tolist()
+        return {prefix + name: v for name, v in zip(names, values)}
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        t, m = self.cfg.train, self.cfg.model
+        t = self.cfg.train
         self.model.eval()
-        if t.objective == "sft":
-            batches = sft_eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches, self.cfg.data.packing)
-        else:
-            batches = eval_batches(self.val_data, m.seq_len, t.micro_batch, t.eval_batches)
-        batches = [tuple(b.to(self.device) for b in mb) for mb in batches]
+        batches = [tuple(b.to(self.device) for b in mb) for mb in self.objective.eval_batches()]
         if self.runner is not None:
             loss = self.runner.forward_only(batches, t.precision)
         else:
             losses = []
             for mb in batches:
                 with autocast(t.precision, self.device):
-                    losses.append(micro_loss(self.model, mb).float())
+                    losses.append(self.objective.micro_loss(self.model, mb).float())
             loss = torch.stack(losses).mean()
         loss = self.reduce_loss(loss)  # every replica evaluates the same batches: the mean is the same
         self.model.train()
@@ -442,14 +443,6 @@ class Trainer:
             out.append(self.tokenizer.decode(seq[0].tolist()))
         return out
 
-    def sft_summary(self) -> str:
-        """Conversations, how they sit in rows, how many are cut, what the loss counts."""
-        d, seq, loader = self.cfg.data, self.cfg.model.seq_len, self.loader
-        cut = int((loader.dataset.bounds[:, 1] - loader.dataset.bounds[:, 0] > seq + 1).sum())
-        rows = f"packed {loader.num_docs / max(1, len(loader.rows)):.1f} per row" if d.packing else "one per row"
-        return (f"; SFT: {loader.num_docs:,} train conversations, {rows}{f', {cut} cut to {seq + 1} tokens' if cut else ''}"
-                f", loss on {'every token' if d.train_on_prompt else 'assistant tokens'}")
-
     def describe(self) -> list[tuple[str, str]]:
         m, t = self.cfg.model, self.cfg.train
         accum = t.global_batch // t.micro_batch
@@ -458,7 +451,7 @@ class Trainer:
                       f"a={m.heads}, s={m.seq_len}, V={m.vocab_size})"),
             ("data", f"{self.corpus.train_tokens:,} train / {self.corpus.val_tokens:,} validation tokens, "
                      f"{self.corpus.tokenizer} tokenizer ({self.corpus.vocab_size} tokens)"
-                     + (self.sft_summary() if t.objective == "sft" else "")),
+                     + self.objective.describe()),
             ("batch", f"{t.global_batch} x {m.seq_len} tokens = {t.micro_batch} per micro-batch x {accum} accumulation"),
             ("grid", f"tp={self.grid.tp} pp={self.grid.pp} dp={self.grid.dp}"
                      f"{f', {self.cfg.parallel.schedule} schedule' if self.runner else ''}"
