@@ -85,7 +85,41 @@ def cmd_train(args: argparse.Namespace) -> int:
             from megaloom.interop import PretrainedWeights
 
             weights = PretrainedWeights(cfg.model)
-        Trainer(cfg, run_dir, corpus, console, grid, device, weights=weights, evals=evals).run()
+        adapt = None
+        if cfg.peft.method != "none":  # parameter-efficient fine-tuning: adapters on a frozen base
+            from megaloom.tune.peft import PeftHook
+
+            adapt = PeftHook(cfg)
+        objective = None
+        if cfg.train.objective == "dpo":  # alignment objectives sit above the training loop
+            from megaloom.align.dpo import DPOObjective
+
+            objective = DPOObjective(cfg)
+        elif cfg.train.objective == "reward":
+            from megaloom.align.reward import RewardObjective
+
+            objective = RewardObjective(cfg)
+        elif cfg.train.objective == "distill":  # compression sits above the training loop too
+            from megaloom.compress.distill import TeacherLayers, distill_objective
+
+            objective = distill_objective(cfg)
+            if cfg.distill.init_from_teacher_layers:
+                weights = TeacherLayers(cfg, objective.teacher_spec)
+        elif cfg.train.objective == "grpo":
+            from megaloom.align.grpo import GRPOObjective
+
+            objective = GRPOObjective(cfg)
+        elif cfg.train.objective == "ppo":
+            from megaloom.align.ppo import PPOObjective
+
+            objective = PPOObjective(cfg)
+        step_hooks = []
+        if cfg.train.keep_sparsity:  # pruned weights stay zero (compression sits above the training loop)
+            from megaloom.compress.sparsity import KeepSparsity
+
+            step_hooks.append(KeepSparsity())
+        Trainer(cfg, run_dir, corpus, console, grid, device, weights=weights, evals=evals, adapt=adapt,
+                objective=objective, step_hooks=step_hooks).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -119,10 +153,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from megaloom.interop.load import is_pretrained
-    from megaloom.train.checkpoint import export_safetensors, import_safetensors, latest_checkpoint
+    from megaloom.train.checkpoint import export_safetensors, import_safetensors, latest_checkpoint, saved_keys
 
     src, out = Path(args.source), Path(args.output)
-    if args.to == "hf":
+    if src.is_dir() and not is_pretrained(src) and "quantization" in saved_keys(latest_checkpoint(src)):
+        raise ConfigError(f"'{src}' is a quantized checkpoint (megaloom quantize); convert exports full-precision "
+                          "weights: convert the model it was quantized from, or evaluate this one with megaloom eval")
+    if args.merge and args.to != "hf":
+        raise ConfigError("--merge writes a Hugging Face model: use it with --to hf")
+    if args.to == "peft" or args.merge:
+        from megaloom.tune.export import export_merged, export_peft
+
+        if args.merge:
+            ckpt, n = export_merged(src, out, max_shard_bytes=int(args.max_shard_gb * 1e9))
+            print(f"wrote {out}: {n} tensors from {ckpt}, the adapters merged into the base, as a Hugging Face model")
+        else:
+            ckpt, n = export_peft(src, out)
+            print(f"wrote {out}: {n} adapter tensors from {ckpt} (peft.PeftModel.from_pretrained(base, '{out}') "
+                  "loads them)")
+    elif args.to == "hf":
         from megaloom.interop import export_hf
 
         ckpt, n = export_hf(src, out, max_shard_bytes=int(args.max_shard_gb * 1e9))
@@ -150,6 +199,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         n = export_safetensors(ckpt, out)
         print(f"wrote {out}: {n} tensors from {ckpt}, consolidated over every layout dimension")
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from megaloom.compress.command import quantize_command
+
+    return quantize_command(args)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from megaloom.compress.command import prune_command
+
+    return prune_command(args)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -266,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="checkpoint or run directory, Hugging Face model directory, .gguf or .safetensors file")
     p.add_argument("output", help="the directory to create (checkpoint or, with --to hf, Hugging Face model), or a "
                                   ".safetensors file")
-    p.add_argument("--to", choices=["hf"], help="hf: write a Hugging Face model directory (config.json, safetensors, "
-                                                "tokenizer, generation_config.json)")
+    p.add_argument("--to", choices=["hf", "peft"], help="hf: write a Hugging Face model directory (config.json, "
+                   "safetensors, tokenizer, generation_config.json); peft: a PEFT run's adapters as a PEFT adapter "
+                   "directory (adapter_model.safetensors, adapter_config.json; docs/finetune.md)")
+    p.add_argument("--merge", action="store_true", help="--to hf of a PEFT run: the base with the adapters merged in")
     p.add_argument("--max-shard-gb", type=float, default=2.0, metavar="GB",
                    help="--to hf: split the safetensors into shards of at most this many GB (default 2)")
     p.add_argument("--config", metavar="FILE", help="safetensors -> checkpoint: a config.toml to store alongside")
@@ -282,6 +345,36 @@ def build_parser() -> argparse.ArgumentParser:
                                      "processes splitting the data (docs/eval.md).")
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
+
+    from megaloom.compress.command import add_calib_args
+
+    p = verbs.add_parser("quantize", help="post-training quantization: int8 / int4 weights (torchao), GPTQ",
+                         description="Quantize the linears of MODEL's transformer blocks (a run, a checkpoint, a "
+                                     "Hugging Face directory or a .gguf file) and write a checkpoint directory that "
+                                     "megaloom eval and generate load in any --tp/--pp layout (docs/compression.md).")
+    p.add_argument("model", metavar="MODEL", help="run directory, checkpoint, Hugging Face directory or .gguf file")
+    p.add_argument("output", metavar="OUT", help="the checkpoint directory to create")
+    p.add_argument("--method", required=True, choices=["int8-weight", "int8-dynamic", "int4-weight", "gptq"],
+                   help="int8-weight, int8-dynamic (int8 activations too), int4-weight: torchao round to nearest; "
+                        "gptq: int4 by GPTQ with --calib")
+    p.add_argument("--group-size", type=int, metavar="G", help="input features per scale (default: per row for "
+                                                                  "int8, 32 for int4 and gptq)")
+    p.add_argument("--keep-high-precision", default="embedding,head", metavar="LIST",
+                   help="layers left unquantized (default embedding,head)")
+    add_calib_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = verbs.add_parser("prune", help="post-training pruning: magnitude, Wanda, SparseGPT; unstructured or N:M",
+                         description="Prune the linears of MODEL's transformer blocks and write a weights-only "
+                                     "checkpoint with the masks (train with train.keep_sparsity = true; convert --to "
+                                     "hf like any checkpoint; docs/compression.md).")
+    p.add_argument("model", metavar="MODEL", help="run directory, checkpoint, Hugging Face directory or .gguf file")
+    p.add_argument("output", metavar="OUT", help="the checkpoint directory to create")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity", type=float, metavar="S", help="fraction of each linear's weights set to zero")
+    p.add_argument("--pattern", metavar="N:M", help="N of every M consecutive weights set to zero (e.g. 2:4)")
+    add_calib_args(p)
+    p.set_defaults(func=cmd_prune)
 
     p = verbs.add_parser("plot", help="loss curves of run directories to a PNG")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -96,9 +96,11 @@ class DataConfig:
     val_fraction: float = _f(0.005, "fraction of documents held out for validation")
     max_bytes: int = _f(0, "stop reading sources after this many bytes of text; 0 = no limit")
     bpe_train_bytes: int = _f(8_000_000, "bytes of training text used to train the BPE")
-    format: Literal["auto", "chat", "prompt_response"] = _f(
-        "auto", "SFT records (train.objective = \"sft\"): chat = {\"messages\": [{\"role\", \"content\"}, ...]}, "
-                "prompt_response = {\"prompt\", \"response\"}; auto = recognised from each record's fields")
+    format: Literal["auto", "chat", "prompt_response", "preference", "prompt"] = _f(
+        "auto", "records of SFT and DPO (train.objective = \"sft\" | \"dpo\"): chat = {\"messages\": [{\"role\", "
+                "\"content\"}, ...]}, prompt_response = {\"prompt\", \"response\"}, preference = {\"prompt\", \"chosen\", "
+                "\"rejected\"} (strings or chat messages), prompt = {\"prompt\", <fields the reward reads>} (GRPO); auto = "
+                "recognised from each record's fields")
     chat_template: str = _f("", "SFT: a Jinja chat template file to render conversations with; empty = the "
                                 "tokenizer's own (a pretrained model's), else megaloom's default")
     train_on_prompt: bool = _f(False, "SFT: the loss counts every token, not only the assistant's")
@@ -109,9 +111,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = _f(200, "optimizer steps")
-    objective: Literal["lm", "sft"] = _f(
+    objective: Literal["lm", "sft", "dpo", "reward", "grpo", "ppo", "distill"] = _f(
         "lm", "lm: next-token prediction on every token of data.sources (pretraining); sft: supervised fine-tuning "
-              "on conversations (JSONL or Parquet), the loss on the assistant's tokens only (docs/finetune.md)")
+              "on conversations (JSONL or Parquet), the loss on the assistant's tokens only (docs/finetune.md); "
+              "dpo: direct preference optimisation on {prompt, chosen, rejected} pairs, [dpo]; reward: a reward model "
+              "(a scalar head) on the same pairs, [reward]; grpo: group relative policy optimisation on prompts with a "
+              "verifiable reward, [rl]; ppo: PPO with a value head, a KL penalty and a reward function or reward model, "
+              "[rl] (docs/alignment.md); distill: knowledge distillation from a frozen teacher, "
+              "[distill] (docs/compression.md)")
     global_batch: int = _f(16, "sequences per optimizer step, across all data-parallel ranks")
     micro_batch: int = _f(16, "sequences per forward/backward pass; global_batch / (micro_batch*dp) = accumulation steps")
     lr: float = _f(1e-3, "peak learning rate")
@@ -139,6 +146,9 @@ class TrainConfig:
     samples: int = _f(0, "text samples to generate and print at the end of training")
     sample_tokens: int = _f(64, "tokens per end-of-training sample")
     sample_prompts: list[str] = _f(["def ", "class ", "import "], "prompts of the end-of-training samples, used in turn")
+    keep_sparsity: bool = _f(False, "keep pruned weights at zero: the masks of the loaded checkpoint (megaloom prune "
+                                    "writes them), else its zeros, applied after every optimizer step and saved "
+                                    "with the checkpoints (docs/compression.md)")
 
 
 @dataclass
@@ -166,6 +176,83 @@ class PeftConfig:
     quantize_base: Literal["none", "nf4"] = _f(
         "none", "nf4 = QLoRA: the frozen base linears held in 4-bit NormalFloat (torchao); adapters stay in "
                 "the training precision")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation and its relatives (train.objective = "dpo"; docs/alignment.md)."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = _f(
+        "sigmoid", "sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et al. 2023); hinge: SLiC/RSO's hinge; "
+                   "simpo: SimPO (Meng et al. 2024), length-normalised and without a reference")
+    beta: float = _f(0.1, "the KL strength beta (IPO's tau)")
+    label_smoothing: float = _f(0.0, "cDPO's label noise epsilon in [0, 0.5) (sigmoid and simpo)")
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma")
+    precompute_reference: bool = _f(
+        False, "compute the reference's log-probabilities of every pair once, before the first step, and store "
+               "them in the run directory: no reference model is held while training")
+
+
+@dataclass
+class RewardConfig:
+    """Reward models (train.objective = "reward"; docs/alignment.md)."""
+
+    center_coefficient: float = _f(0.0, "weight c of the centring term c*mean((r_chosen + r_rejected)^2) that pulls "
+                                        "the rewards' mean to 0 (TRL's center_rewards_coefficient; Eisenstein et al. "
+                                        "2023); 0 = off")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (train.objective = "distill"; docs/compression.md)."""
+
+    teacher: str = _f("", "the teacher: any MODEL megaloom loads (run directory, checkpoint, Hugging Face directory, "
+                          ".gguf), with the student's tokenizer and vocabulary")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = _f(
+        "forward_kl", "forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); jsd: the generalised "
+                      "Jensen-Shannon divergence with distill.beta (TRL's GKD, Agarwal et al. 2024 eq. 1)")
+    beta: float = _f(0.5, "jsd: the mixture weight beta in (0, 1) of the teacher, m = beta*teacher + (1-beta)*student")
+    temperature: float = _f(1.0, "both models' logits are divided by it before the divergence (as TRL's GKD)")
+    alpha: float = _f(0.5, "weight of the cross entropy on the data's targets; the divergence gets 1 - alpha "
+                           "(torchtune's knowledge-distillation recipes: alpha = 1 - kd_ratio)")
+    data: Literal["text", "conversations"] = _f(
+        "text", "text: data.sources read as for train.objective = \"lm\"; conversations: as for \"sft\"")
+    init_from_teacher_layers: list[int] = _f(
+        [], "the student (model.*, model.layers of these) starts from these teacher layers plus the teacher's "
+            "embedding, final norm and head; empty = its own initialisation")
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning with rollouts (train.objective = "grpo"; docs/alignment.md)."""
+
+    reward: str = _f("exact_match", "the reward of a completion: exact_match (the completion, stripped, equals the "
+                                    "record's rl.answer_field) or \"module:function\", called as function(completion: "
+                                    "str, record: dict) -> float")
+    answer_field: str = _f("answer", "the record field exact_match compares with")
+    group_size: int = _f(4, "completions sampled per prompt (GRPO's group G); train.global_batch counts prompts")
+    max_new_tokens: int = _f(32, "longest completion; prompt + completion must fit model.seq_len")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts (validation is greedy)")
+    top_p: float = _f(1.0, "nucleus sampling of the rollouts")
+    beta: float = _f(0.0, "weight of the k3 KL to the reference (the starting weights); 0 = no reference model")
+    clip: float = _f(0.2, "clipping epsilon of the surrogate")
+    scale_rewards: Literal["group", "batch", "none"] = _f(
+        "group", "advantage normalisation: group std (GRPO), batch std, none (Dr. GRPO)")
+    aggregation: Literal["sequence", "token"] = _f(
+        "sequence", "GRPO: sequence = each completion's mean over its tokens, then the mean (DeepSeekMath eq. 3); "
+                    "token = the mean over all completion tokens of the micro-batch")
+    ppo_epochs: int = _f(2, "PPO: passes over each rollout batch")
+    rollout_batch: int = _f(0, "PPO: prompts per rollout (per optimizer step train.global_batch of them are used); "
+                               "0 = train.global_batch")
+    kl_coef: float = _f(0.05, "PPO: initial coefficient of the per-token KL penalty in the reward")
+    kl_target: float = _f(0.0, "PPO: the adaptive controller's KL target (Ziegler et al. 2019); 0 = a fixed kl_coef")
+    kl_horizon: int = _f(10000, "PPO: the adaptive controller's horizon, in rollout samples")
+    gamma: float = _f(1.0, "PPO: discount of GAE")
+    lam: float = _f(0.95, "PPO: lambda of GAE")
+    vf_coef: float = _f(0.1, "PPO: weight of the value loss (the critic shares the policy's trunk: a value head)")
+    value_clip: float = _f(0.2, "PPO: clipping of the value loss around the rollout's values")
+    entropy_coef: float = _f(0.0, "PPO: weight of the entropy bonus")
+    whiten_advantages: bool = _f(True, "PPO: whiten the advantages over each rollout")
 
 
 @dataclass
@@ -220,6 +307,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -266,8 +357,131 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         given.add(key)
     if cfg.model.pretrained:
         apply_pretrained(cfg, given)
+    if cfg.peft.init:
+        apply_peft_init(cfg)
     validate(cfg)
     return cfg
+
+
+# Hugging Face module names each family's adapters can target (peft.targets)
+PEFT_TARGETS = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                "gpt2": ("c_attn", "c_proj", "c_fc")}
+# PEFT's peft_type (adapter_config.json) -> peft.method
+PEFT_METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
+                "BOTTLENECK": "adapter"}
+
+
+def apply_peft_init(cfg: Config) -> None:
+    """peft.init: the adapter's own adapter_config.json sets peft.method and, for LoRA/DoRA, the rank,
+    alpha, dropout, rslora and targets (as the config doc says: its keys override the ones here)."""
+    import json
+
+    path = Path(cfg.peft.init) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"peft.init = '{cfg.peft.init}' holds no adapter_config.json; pass a directory that PEFT's "
+                          "save_pretrained (or megaloom convert --to peft) wrote")
+    a = json.loads(path.read_text(encoding="utf-8"))
+    kind = a.get("peft_type")
+    if kind not in PEFT_METHODS:
+        raise ConfigError(f"peft.init = '{cfg.peft.init}' is a {kind} adapter; megaloom reads "
+                          f"{', '.join(PEFT_METHODS)}")
+    p = cfg.peft
+    p.method = "dora" if kind == "LORA" and a.get("use_dora") else PEFT_METHODS[kind]
+    if kind == "LORA":
+        targets = a.get("target_modules") or []
+        if isinstance(targets, str):
+            raise ConfigError(f"peft.init = '{cfg.peft.init}' targets modules by the pattern {targets!r}; megaloom "
+                              "needs a list of module names (target_modules=[...])")
+        if a.get("rank_pattern") or a.get("alpha_pattern") or a.get("layers_to_transform"):
+            raise ConfigError(f"peft.init = '{cfg.peft.init}' varies rank, alpha or layers per module (rank_pattern, "
+                              "alpha_pattern, layers_to_transform); megaloom adapts every layer alike")
+        p.rank, p.alpha = int(a["r"]), float(a["lora_alpha"])
+        p.dropout, p.rslora = float(a.get("lora_dropout", 0.0)), bool(a.get("use_rslora", False))
+        p.targets = sorted(targets)
+    elif kind == "IA3":
+        _ia3_init(cfg, a)
+    elif kind in ("PREFIX_TUNING", "PROMPT_TUNING"):
+        if a.get("prefix_projection"):
+            raise ConfigError(f"peft.init = '{cfg.peft.init}' is prefix tuning with prefix_projection = true (an MLP "
+                              "over the prefix); megaloom learns the keys and values themselves (PEFT's default)")
+        p.virtual_tokens = int(a["num_virtual_tokens"])
+
+
+def _ia3_init(cfg: Config, a: dict) -> None:
+    """An IA3 adapter's targets; its feed-forward modules (scaled at the input) must be PEFT's defaults,
+    the only ones megaloom scales so: down_proj (llama), the MLP's c_proj (gpt2)."""
+    targets = a.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ConfigError(f"peft.init = '{cfg.peft.init}' targets modules by the pattern {targets!r}; megaloom "
+                          "needs a list of module names (target_modules=[...])")
+    ff = set(a.get("feedforward_modules") or [])
+    if cfg.model.family == "gpt2":
+        want = {"mlp.c_proj"} if {"c_proj", "mlp.c_proj"} & set(targets) else set()
+    else:
+        want = {"down_proj"} & set(targets)
+    if ff != want:
+        raise ConfigError(f"peft.init = '{cfg.peft.init}' scales the inputs of {sorted(ff)} (feedforward_modules); "
+                          f"megaloom scales the input of {sorted(want) or 'no module'} for these targets only")
+    cfg.peft.targets = sorted(targets)
+
+
+def _check_peft(cfg: Config) -> None:
+    """[peft]: ranges, targets the family has, and what each method composes with."""
+    p, m = cfg.peft, cfg.model
+    if p.method == "none":
+        for key, value in (("peft.quantize_base", p.quantize_base != "none"), ("peft.init", p.init),
+                           ("peft.targets", p.targets)):
+            if value:
+                raise ConfigError(f"{key} = {_toml_value(get_value(cfg, key))} needs a peft.method (lora, dora, "
+                                  "adapter, prefix, prompt or ia3); set one or remove it")
+        return
+    if p.rank < 1:
+        raise ConfigError(f"peft.rank = {p.rank} must be at least 1; typical ranks are 4 .. 64")
+    if p.alpha <= 0:
+        raise ConfigError(f"peft.alpha = {p.alpha} must be positive; PEFT's default is 8, twice the rank is common")
+    if not 0.0 <= p.dropout < 1.0:
+        raise ConfigError(f"peft.dropout = {p.dropout} must be in [0, 1)")
+    for key in ("peft.bottleneck", "peft.virtual_tokens"):
+        if get_value(cfg, key) < 1:
+            raise ConfigError(f"{key} = {get_value(cfg, key)} must be at least 1")
+    known = PEFT_TARGETS[m.family]
+    if p.method == "ia3" and m.family == "gpt2":  # (IA)³ scales attention's c_proj output, the MLP's c_proj input
+        known = (*known, "attn.c_proj", "mlp.c_proj")
+    for target in p.targets:
+        if target not in known:
+            raise ConfigError(f"peft.targets has {target!r}, which a {m.family} model does not have; pick from "
+                              f"{' '.join(known)}")
+    if len(set(p.targets)) != len(p.targets):
+        raise ConfigError(f"peft.targets = {p.targets} names a module twice; list each once")
+    if p.method in ("prefix", "prompt"):
+        _check_virtual_tokens(cfg)
+    lora = p.method in ("lora", "dora")
+    if p.quantize_base != "none" and not lora:
+        raise ConfigError(f"peft.quantize_base = \"{p.quantize_base}\" (QLoRA) needs peft.method lora or dora "
+                          f"(got {p.method}); set peft.quantize_base = \"none\"")
+    zero = cfg.parallel.zero
+    if zero >= 2 and (p.quantize_base != "none" or p.method == "dora"):
+        what = "an NF4 base (peft.quantize_base)" if p.quantize_base != "none" else "DoRA's magnitude initialisation"
+        raise ConfigError(f"parallel.zero = {zero} shards {what} over FSDP, which megaloom does not do yet; use "
+                          "parallel.zero 0 or 1")
+    if lora and p.dropout > 0 and cfg.train.recompute == "full":
+        raise ConfigError(f"peft.dropout = {p.dropout} with train.recompute = \"full\": the recomputed blocks would "
+                          "draw new LoRA dropout masks; set peft.dropout = 0 or train.recompute = \"selective\"")
+
+
+def _check_virtual_tokens(cfg: Config) -> None:
+    """Prefix and prompt tuning put peft.virtual_tokens positions before the real tokens (megaloom/tune/prompt.py)."""
+    m, p, t = cfg.model, cfg.peft, cfg.parallel.tp
+    if m.family == "gpt2" and m.seq_len + p.virtual_tokens > m.positions:
+        raise ConfigError(f"peft.virtual_tokens = {p.virtual_tokens}: with model.seq_len = {m.seq_len} the real tokens "
+                          f"reach position {m.seq_len + p.virtual_tokens - 1}, past GPT-2's {m.positions} learned "
+                          f"positions; set model.seq_len = {m.positions - p.virtual_tokens} or less")
+    if p.method == "prompt" and cfg.parallel.sequence_parallel and p.virtual_tokens % t:
+        raise ConfigError(f"peft.virtual_tokens = {p.virtual_tokens}: sequence parallelism splits the soft prompt's "
+                          f"positions with the others over parallel.tp = {t}; make it a multiple of {t}")
+    if p.method == "prompt" and p.prompt_init_text and not m.pretrained:
+        raise ConfigError("peft.prompt_init_text is read with model.pretrained's tokenizer; set model.pretrained "
+                          "or leave peft.prompt_init_text empty (random init)")
 
 
 def apply_pretrained(cfg: Config, given: set[str]) -> None:
@@ -433,6 +647,7 @@ def validate(cfg: Config) -> None:
     if not d.sources:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
     _check_objective(cfg)
+    _check_peft(cfg)
     if p.powersgd_rank < 0 or (p.powersgd_rank and p.zero >= 2):
         raise ConfigError(f"parallel.powersgd_rank = {p.powersgd_rank} needs parallel.zero 0 or 1 (got {p.zero}) "
                           "and must not be negative; FSDP's reduce-scatter (ZeRO-2/3) is not compressed")
@@ -452,18 +667,99 @@ def validate(cfg: Config) -> None:
 
 
 def _check_objective(cfg: Config) -> None:
-    """The SFT keys need train.objective = "sft", and SFT needs conversation files."""
-    d = cfg.data
-    if cfg.train.objective == "lm":
+    """The conversation keys need an objective that reads records (sft, dpo), and those need record files."""
+    d, objective = cfg.data, cfg.train.objective
+    if objective == "distill":  # its data are checked as those of the objective that reads them
+        _check_distill(cfg)
+        objective = "lm" if cfg.distill.data == "text" else "sft"
+    if objective == "lm":
         sft_only = {"data.packing": d.packing, "data.train_on_prompt": d.train_on_prompt,
                     "data.format": d.format != "auto", "data.chat_template": d.chat_template}
         for key, value in sft_only.items():
             if value:
                 raise ConfigError(f"{key} = {_toml_value(get_value(cfg, key))} applies to supervised fine-tuning "
                                   "only; set train.objective=\"sft\" or remove it")
-    elif "stdlib" in d.sources:
-        raise ConfigError("train.objective = \"sft\" reads conversations, but data.sources has \"stdlib\"; give "
-                          ".jsonl or .parquet files, e.g. from tools/build_instruct.py")
+        return
+    if "stdlib" in d.sources:
+        raise ConfigError(f"train.objective = \"{objective}\" reads conversations, but data.sources has \"stdlib\"; "
+                          "give .jsonl or .parquet files, e.g. from tools/build_instruct.py")
+    pairs = objective in ("dpo", "reward")
+    if d.format not in ("auto", "preference") and pairs:
+        raise ConfigError(f"data.format = \"{d.format}\" but train.objective = \"{objective}\" reads preference "
+                          "pairs; set data.format=\"preference\" or \"auto\"")
+    if d.format == "preference" and not pairs:
+        raise ConfigError(f"data.format = \"preference\" is read by train.objective = \"dpo\" or \"reward\", not "
+                          f"\"{objective}\"; set train.objective=\"dpo\"")
+    if pairs and (d.packing or d.train_on_prompt):
+        key = "data.packing" if d.packing else "data.train_on_prompt"
+        raise ConfigError(f"{key} = true does not apply to preference pairs (train.objective = \"{objective}\"); "
+                          "remove it")
+    if objective in ("grpo", "ppo"):
+        if d.format not in ("auto", "prompt"):
+            raise ConfigError(f"data.format = \"{d.format}\" but train.objective = \"{objective}\" reads prompts; "
+                              "set data.format=\"prompt\" or \"auto\"")
+        if d.packing or d.train_on_prompt:
+            raise ConfigError(f"data.packing and data.train_on_prompt do not apply to train.objective = "
+                              f"\"{objective}\"; remove them")
+        r, t = cfg.rl, cfg.train
+        if objective == "ppo":
+            rollout = r.rollout_batch or t.global_batch
+            if r.ppo_epochs < 1 or rollout % t.global_batch or r.group_size < 1:
+                raise ConfigError(f"rl.rollout_batch ({rollout}) must be a multiple of train.global_batch "
+                                  f"({t.global_batch}), rl.ppo_epochs ({r.ppo_epochs}) and rl.group_size "
+                                  f"({r.group_size}) at least 1")
+            if r.kl_coef < 0 or r.kl_target < 0 or r.vf_coef < 0 or not 0 <= r.lam <= 1 or not 0 < r.gamma <= 1:
+                raise ConfigError(f"rl.kl_coef ({r.kl_coef}), rl.kl_target ({r.kl_target}), rl.vf_coef ({r.vf_coef}) "
+                                  f"must not be negative; rl.lam ({r.lam}) in [0, 1], rl.gamma ({r.gamma}) in (0, 1]")
+        elif r.group_size < 2:
+            raise ConfigError(f"rl.group_size = {r.group_size}: group-normalised advantages need at least 2 "
+                              "completions per prompt; use 4 or more")
+        if r.max_new_tokens < 1 or r.max_new_tokens >= cfg.model.seq_len:
+            raise ConfigError(f"rl.max_new_tokens = {r.max_new_tokens} must be in [1, model.seq_len = "
+                              f"{cfg.model.seq_len}); leave room for the prompt")
+        if r.temperature <= 0 or not 0 < r.top_p <= 1 or r.beta < 0 or r.clip <= 0:
+            raise ConfigError(f"rl.temperature ({r.temperature}) and rl.clip ({r.clip}) must be positive, rl.top_p "
+                              f"({r.top_p}) in (0, 1], rl.beta ({r.beta}) not negative")
+        if r.reward != "exact_match" and r.reward.count(":") != 1 and not (objective == "ppo" and Path(r.reward).is_dir()):
+            raise ConfigError(f"rl.reward = \"{r.reward}\" is neither exact_match, \"module:function\" nor (PPO) a "
+                              "reward model's run directory")
+    elif d.format == "prompt":
+        raise ConfigError(f"data.format = \"prompt\" is read by train.objective = \"grpo\" or \"ppo\", not "
+                          f"\"{objective}\"")
+    if cfg.reward.center_coefficient < 0:
+        raise ConfigError(f"reward.center_coefficient = {cfg.reward.center_coefficient} must not be negative; "
+                          "TRL suggests 0.01")
+    if objective == "dpo":
+        o = cfg.dpo
+        if o.beta <= 0:
+            raise ConfigError(f"dpo.beta = {o.beta} must be positive; typical values are 0.01 .. 0.5")
+        if not 0.0 <= o.label_smoothing < 0.5 or (o.label_smoothing and o.loss in ("ipo", "hinge")):
+            raise ConfigError(f"dpo.label_smoothing = {o.label_smoothing} must be in [0, 0.5) and applies to the "
+                              f"sigmoid and simpo losses (dpo.loss = \"{o.loss}\"); set it to 0")
+
+
+def _check_distill(cfg: Config) -> None:
+    o = cfg.distill
+    if not o.teacher:
+        raise ConfigError("train.objective = \"distill\" needs distill.teacher, the MODEL to learn from (a run "
+                          "directory, checkpoint, Hugging Face directory or .gguf)")
+    if not 0.0 <= o.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha = {o.alpha} must be in [0, 1] (the cross entropy's weight; 0 = pure "
+                          "distillation)")
+    if o.temperature <= 0:
+        raise ConfigError(f"distill.temperature = {o.temperature} must be positive; 1 leaves the logits as they are")
+    if o.loss == "jsd" and not 0.0 < o.beta < 1.0:
+        raise ConfigError(f"distill.beta = {o.beta} must be in (0, 1) for distill.loss = \"jsd\"; beta 0 and 1 are "
+                          "distill.loss = \"forward_kl\" and \"reverse_kl\"")
+    layers = o.init_from_teacher_layers
+    if layers:
+        if len(layers) != cfg.model.layers or len(set(layers)) != len(layers) or min(layers) < 0:
+            raise ConfigError(f"distill.init_from_teacher_layers = {layers} must name model.layers = "
+                              f"{cfg.model.layers} distinct teacher layers (0-based), one per student layer")
+        if cfg.model.pretrained or cfg.checkpoint.load:
+            key = "model.pretrained" if cfg.model.pretrained else "checkpoint.load"
+            raise ConfigError(f"distill.init_from_teacher_layers and {key} both say where the student starts; "
+                              "keep one")
 
 
 def layout_spec(cfg: Config) -> LayoutSpec:

@@ -133,10 +133,33 @@ def stage_layers(layers: int, pp: int, chunks: int, layers_per_stage: Sequence[i
     return [range(s, s + k) for s, k in zip(starts, sizes)]
 
 
+def vocab_rows(vocab: int, tp: int) -> int:
+    """Vocabulary rows each tensor-parallel rank holds of the token embedding and the head: ceil(V/t).
+
+    Rank r holds rows [r·R, (r+1)·R) of the padded vocabulary; the rows at or past V (on the last rank or
+    ranks) are padding: zero, never trained, saved, loaded or scored (`megaloom/parallel/shard.py`). Megatron
+    pads the vocabulary itself instead, to a multiple of 128·t (`--make-vocab-size-divisible-by`), which
+    changes the model; here the model keeps its V rows in every layout."""
+    return -(-vocab // tp)
+
+
+def check_vocab_rows(vocab: int, tp: int, names: Mapping[str, str] = CONFIG_NAMES) -> None:
+    """Any V splits over any t, padding the last shard (`vocab_rows`), as long as every rank holds at least
+    one real row: with (t-1)·ceil(V/t) >= V the last rank would hold padding only."""
+    if vocab < 1 or tp < 1:
+        return  # reported as non-positive sizes where they are checked
+    if (tp - 1) * vocab_rows(vocab, tp) >= vocab:
+        ok = max(x for x in range(1, tp + 1) if (x - 1) * vocab_rows(vocab, x) < vocab)
+        raise ConfigError(f"{names['tp']} ({tp}) splits {names['vocab']} ({vocab}) into {vocab_rows(vocab, tp)} rows "
+                          f"per rank, which leaves the last rank no real row; try {names['tp']}={ok} or a larger "
+                          f"{names['vocab']}")
+
+
 def check_layout(model: ModelShape, lay: LayoutSpec, names: Mapping[str, str] = CONFIG_NAMES) -> ScheduleKind:
     """Raise one `ConfigError` line for the first thing the layout cannot run; the schedule kind otherwise.
 
-    Tensor parallelism splits heads, key/value heads and vocabulary rows over t ranks (§2.3); pipeline
+    Tensor parallelism splits heads and key/value heads over t ranks, and the vocabulary rows too, the
+    last shard padded when t does not divide V (`vocab_rows`) (§2.3); pipeline
     parallelism splits the layers over p·v virtual stages (§2.2); the batch splits into micro-batches
     over d replicas."""
     for key in ("tp", "pp", "dp", "chunks", "microbatch", "global_batch"):
@@ -147,10 +170,7 @@ def check_layout(model: ModelShape, lay: LayoutSpec, names: Mapping[str, str] = 
         if value % t:
             ok = max(x for x in range(1, t + 1) if value % x == 0)
             raise ConfigError(f"{names['tp']} ({t}) must divide {names[key]} ({value}); try {names['tp']}={ok}")
-    if model.vocab_size % t:
-        # Megatron pads to a multiple of 128·t (--make-vocab-size-divisible-by)
-        pad = -(-model.vocab_size // (64 * t)) * 64 * t
-        raise ConfigError(f"{names['tp']} ({t}) must divide {names['vocab']} ({model.vocab_size}); pad it to {pad}")
+    check_vocab_rows(model.vocab_size, t, names)
     per_step = lay.microbatch * lay.dp
     if lay.global_batch % per_step:
         raise ConfigError(f"{names['global_batch']} ({lay.global_batch}) must be a multiple of {names['microbatch']} "

@@ -46,14 +46,15 @@ def _tokenizer(family: str):  # noqa: ANN202
     return out
 
 
-def make_tiny_hf(out: Path, family: str, seed: int = 0, positions: int = 64) -> Path:
-    """A random `family` ("gpt2" or "llama") model and its tokenizer, saved with save_pretrained."""
+def make_tiny_hf(out: Path, family: str, seed: int = 0, positions: int = 64, extra_rows: int = 0) -> Path:
+    """A random `family` ("gpt2" or "llama") model and its tokenizer, saved with save_pretrained; the
+    model has `extra_rows` embedding rows more than the tokenizer has tokens (an odd vocabulary with 1)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok = _tokenizer(family)
-    ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    ids = {"vocab_size": len(tok) + extra_rows, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     if family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=positions,
                                            initializer_range=0.2, **ids))

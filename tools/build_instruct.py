@@ -16,6 +16,9 @@ Recipe (deterministic: the same interpreter's standard library gives the same by
    A (name, body) seen before is skipped, and the output stops after --max-records records.
 4. Written as JSON lines, {"messages": [user, assistant]} (--format chat, the default) or {"prompt",
    "response"} (--format prompt_response); --parquet also writes the same records as Parquet (pyarrow).
+5. --format preference writes preference pairs for DPO and reward models: {"prompt", "chosen",
+   "rejected"}, chosen = the record's own function, rejected = the function of record (i + n // 2) mod n
+   (n records): a well-formed answer to another request, so the preference is about following the prompt.
 
 The last line printed names the Python version, the record count and the SHA-256 of the file, which is
 how a run says which data it used.
@@ -92,10 +95,14 @@ def build(out: Path, max_records: int = 2000, fmt: str = "chat", parquet: bool =
     """Write the dataset to `out` (JSON lines); returns what the last printed line says."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     rows = []
-    for r in records(root, max_records):
+    found = list(records(root, max_records))
+    for i, r in enumerate(found):
         if fmt == "chat":
             rows.append({"messages": [{"role": "user", "content": r["prompt"]},
                                       {"role": "assistant", "content": r["response"]}]})
+        elif fmt == "preference":
+            other = found[(i + len(found) // 2) % len(found)]
+            rows.append({"prompt": r["prompt"], "chosen": r["response"], "rejected": other["response"]})
         else:
             rows.append(r)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/stdlib-instruct.jsonl"), help="JSON lines file to write")
     p.add_argument("--max-records", type=int, default=2000, help="stop after this many records")
-    p.add_argument("--format", choices=["chat", "prompt_response"], default="chat")
+    p.add_argument("--format", choices=["chat", "prompt_response", "preference"], default="chat")
     p.add_argument("--parquet", action="store_true", help="also write OUT with the suffix .parquet")
     args = p.parse_args(argv)
     info = build(args.out, args.max_records, args.format, args.parquet)

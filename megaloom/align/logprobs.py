@@ -20,6 +20,10 @@ logits are formed per chunk from h @ Wᵀ (in the autocast dtype, as `F.linear` 
 dtype. With h the gradient returned for h is this rank's partial sum over its vocabulary rows: the column-parallel
 `f` before the head (`megaloom.parallel.comm.enter_tp`) all-reduces it, as for the vocab-parallel loss. Targets
 equal to -100 give 0 (and no gradient), as everywhere in megaloom.
+
+Where t does not divide V each rank holds ceil(V/t) columns and the last rank's columns past V are padding
+(`megaloom/parallel/shard.py`); given `vocab_size`, they are cut off before anything is computed, so they take no
+part in the softmax and their gradient is zero.
 """
 
 from __future__ import annotations
@@ -48,20 +52,18 @@ def as_tp_group(group: dist.ProcessGroup | TPGroup | None) -> TPGroup:
 class _Source:
     """Where a chunk's logits come from: the logits shard itself, or h @ Wᵀ in the head's compute dtype."""
 
-    def __init__(self, x: torch.Tensor, weight: torch.Tensor | None, temperature: float, dtype: torch.dtype):
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor | None, temperature: float, dtype: torch.dtype,
+                 columns: int):
         self.x, self.weight, self.temperature, self.dtype = x, weight, temperature, dtype
+        self.columns = columns  # the real ones: padding columns (past V, on the last rank) are never read
         # fp32 statistics (fp64 inputs stay fp64, which the parity tests use)
         self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.w = weight.to(self.dtype) if weight is not None else None
-
-    @property
-    def columns(self) -> int:
-        return self.x.shape[-1] if self.weight is None else self.weight.shape[0]
+        self.w = weight[:columns].to(self.dtype) if weight is not None else None
 
     def logits(self, rows: slice) -> torch.Tensor:
         """This chunk's logits in the statistics dtype, a fresh tensor (the callers work on it in place)."""
         if self.w is None:
-            z = self.x[rows].to(self.acc, copy=True)
+            z = self.x[rows, :self.columns].to(self.acc, copy=True)
         else:
             z = (self.x[rows].to(self.dtype) @ self.w.t()).to(self.acc)
         return z.div_(self.temperature) if self.temperature != 1.0 else z
@@ -95,20 +97,22 @@ def _forward(src: _Source, targets: torch.Tensor, tp: TPGroup, start: int, chunk
 
 class _TokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, tp, start, chunk, temperature, dtype):  # noqa: ANN001, ANN205
-        logp, entropy, lse = _forward(_Source(x, weight, temperature, dtype), targets, tp, start, chunk)
+    def forward(ctx, x, weight, targets, tp, start, chunk, temperature, dtype, columns):  # noqa: ANN001, ANN205
+        logp, entropy, lse = _forward(_Source(x, weight, temperature, dtype, columns), targets, tp, start, chunk)
         ctx.save_for_backward(x, weight, targets, entropy, lse)
-        ctx.start, ctx.chunk, ctx.temperature, ctx.dtype = start, chunk, temperature, dtype
+        ctx.start, ctx.chunk, ctx.temperature, ctx.dtype, ctx.columns = start, chunk, temperature, dtype, columns
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):  # noqa: ANN001, ANN205
         x, weight, targets, entropy, lse = ctx.saved_tensors
-        src = _Source(x, weight, ctx.temperature, ctx.dtype)
+        src = _Source(x, weight, ctx.temperature, ctx.dtype, ctx.columns)
         need_x, need_w = ctx.needs_input_grad[:2]
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight, dtype=src.acc) if need_w else None
         cols = src.columns
+        padded = weight is None and cols < x.shape[-1]  # the padding columns' gradient is zero
+        grad_x = (torch.zeros_like(x) if padded else torch.empty_like(x)) if need_x else None
+        grad_w = torch.zeros_like(weight, dtype=src.acc) if need_w else None
+        grad_w_real = grad_w[:cols] if need_w else None
         for begin in range(0, targets.shape[0], ctx.chunk):
             sl = slice(begin, begin + ctx.chunk)
             valid = targets[sl] != IGNORE_INDEX
@@ -126,25 +130,28 @@ class _TokenStats(torch.autograd.Function):
             if ctx.temperature != 1.0:
                 dz.div_(ctx.temperature)
             if weight is None:
-                grad_x[sl] = dz.to(x.dtype)
+                grad_x[sl, :cols] = dz.to(x.dtype)
                 continue
             dz = dz.to(src.dtype)
             if need_x:
                 grad_x[sl] = (dz @ src.w).to(x.dtype)
             if need_w:
-                grad_w += (dz.t() @ x[sl].to(src.dtype)).to(src.acc)
-        return grad_x, grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None, None
+                grad_w_real += (dz.t() @ x[sl].to(src.dtype)).to(src.acc)
+        return grad_x, grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None, None, None
 
 
 def token_logprobs_and_entropy(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, *,
                                group: dist.ProcessGroup | TPGroup | None = None, vocab_start: int | None = None,
-                               chunk: int = 1024, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk: int = 1024, temperature: float = 1.0,
+                               vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and the entropy of p, per token, both shaped like `targets` (fp32; 0 where the target is -100).
 
     x: the logits (..., V/t) of this rank's vocabulary columns, or, with `weight` (V/t, hidden), the head's input
     h (..., hidden). targets (...): token ids of the full vocabulary, aligned with x (the token that position
     predicts). group: the tensor-parallel group the vocabulary is split over (None: not split); this rank's columns
-    start at `vocab_start` (default rank·V/t). Differentiable with respect to x and weight; see the module text."""
+    start at `vocab_start` (default rank·V/t). vocab_size: the full vocabulary V, when this rank's columns at or past
+    V are padding (t not dividing V; None: every column is real). Differentiable with respect to x and weight; see
+    the module text."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if chunk < 1:
@@ -152,6 +159,10 @@ def token_logprobs_and_entropy(x: torch.Tensor, targets: torch.Tensor, weight: t
     tp = as_tp_group(group)
     cols = x.shape[-1] if weight is None else weight.shape[0]
     start = tp.rank * cols if vocab_start is None else vocab_start
+    if vocab_size is not None:
+        cols = min(cols, vocab_size - start)
+        if cols < 1:
+            raise ValueError(f"this rank's columns start at {start}, past vocab_size ({vocab_size})")
     x2, y = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     if x2.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x2.shape[0]} positions ({tuple(x.shape)}) but targets {y.shape[0]} "
@@ -162,24 +173,24 @@ def token_logprobs_and_entropy(x: torch.Tensor, targets: torch.Tensor, weight: t
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     with torch.autocast(dev, enabled=False):  # dtypes are handled explicitly inside
         if needs_grad:
-            logp, entropy = _TokenStats.apply(x2, weight, y, tp, start, chunk, temperature, dtype)
+            logp, entropy = _TokenStats.apply(x2, weight, y, tp, start, chunk, temperature, dtype, cols)
         else:
-            logp, entropy, _ = _forward(_Source(x2, weight, temperature, dtype), y, tp, start, chunk)
+            logp, entropy, _ = _forward(_Source(x2, weight, temperature, dtype, cols), y, tp, start, chunk)
     return logp.view(targets.shape), entropy.view(targets.shape)
 
 
 def token_logprobs(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, *,
                    group: dist.ProcessGroup | TPGroup | None = None, vocab_start: int | None = None,
-                   chunk: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                   chunk: int = 1024, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
     """log p(target) per token, shaped like `targets`, 0 where the target is -100 (TRL's `selective_log_softmax`,
     torchtune's `logits_to_logprobs`). Arguments as `token_logprobs_and_entropy`."""
     return token_logprobs_and_entropy(x, targets, weight, group=group, vocab_start=vocab_start, chunk=chunk,
-                                      temperature=temperature)[0]
+                                      temperature=temperature, vocab_size=vocab_size)[0]
 
 
 def token_entropy(x: torch.Tensor, weight: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
                   group: dist.ProcessGroup | TPGroup | None = None, chunk: int = 1024,
-                  temperature: float = 1.0) -> torch.Tensor:
+                  temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
     """Entropy (nats) of the next-token distribution per position, shaped like x without its last dim, 0 where
     `mask` is False (TRL's `entropy_from_logits`). Differentiable (PPO's entropy bonus); other arguments as
     `token_logprobs_and_entropy`."""
@@ -187,7 +198,8 @@ def token_entropy(x: torch.Tensor, weight: torch.Tensor | None = None, *, mask: 
     targets = torch.zeros(lead, dtype=torch.long, device=x.device)
     if mask is not None:
         targets = targets.masked_fill(~mask.bool(), IGNORE_INDEX)
-    return token_logprobs_and_entropy(x, targets, weight, group=group, chunk=chunk, temperature=temperature)[1]
+    return token_logprobs_and_entropy(x, targets, weight, group=group, chunk=chunk, temperature=temperature,
+                                      vocab_size=vocab_size)[1]
 
 
 class SequenceLogprobs(NamedTuple):

@@ -43,11 +43,16 @@ def ensure_corpus(data: DataConfig, cache_root: Path, progress: Progress | None 
 
 
 def ensure_corpus_for(cfg: Config, cache_root: Path, progress: Progress | None = None) -> CorpusInfo:
-    """The corpus a run of `cfg` trains on: text (train.objective = "lm") or conversations ("sft")."""
-    if cfg.train.objective == "sft":
-        return ensure_sft_corpus(cfg.data, cache_root, progress, cfg.model.pretrained,
+    """The corpus a run of `cfg` trains on: text (train.objective = "lm"), or records (conversations for
+    "sft", preference pairs for "dpo" and "reward", prompts for "grpo" and "ppo")."""
+    pretrained = cfg.model.pretrained
+    if cfg.train.objective == "distill" and not pretrained:  # the student reads the teacher's tokens
+        pretrained = cfg.distill.teacher
+    conversations = cfg.train.objective == "distill" and cfg.distill.data == "conversations"
+    if cfg.train.objective in ("sft", "dpo", "reward", "grpo", "ppo") or conversations:
+        return ensure_sft_corpus(cfg.data, cache_root, progress, pretrained,
                                  checkpoint_tokenizer(cfg.checkpoint.load) if cfg.data.tokenizer != "pretrained" else "")
-    return ensure_corpus(cfg.data, cache_root, progress, cfg.model.pretrained)
+    return ensure_corpus(cfg.data, cache_root, progress, pretrained)
 
 
 def checkpoint_tokenizer(load: str) -> str:

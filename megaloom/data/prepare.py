@@ -46,6 +46,9 @@ class CorpusInfo:
     train_docs: int
     val_docs: int
     sources: list[str]
+    group: int = 1  # documents per item: 2 for preference pairs (chosen, rejected), adjacent
+    prompts: bool = False  # documents are prompts to generate from (RL), their records in {split}.records.jsonl
+
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -333,7 +336,7 @@ def _read_meta(out_dir: Path) -> dict:
 
 
 def _info_from_meta(out_dir: Path, meta: dict) -> CorpusInfo:
-    fields = {k: meta[k] for k in CorpusInfo.__dataclass_fields__ if k != "directory"}
+    fields = {k: meta[k] for k in CorpusInfo.__dataclass_fields__ if k != "directory" and k in meta}
     return CorpusInfo(directory=out_dir, **fields)
 
 

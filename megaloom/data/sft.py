@@ -3,8 +3,14 @@ template -> a prepared corpus of token files with a loss mask.
 
 Records are `{"messages": [{"role": ..., "content": ...}, ...]}` (format "chat") or `{"prompt": ...,
 "response": ...}` (format "prompt_response", optionally with "system"), one JSON object per line, or
-the same fields as columns of a Parquet file (as the `datasets` library writes them). The format is
-recognised from each record's fields unless `data.format` names it.
+the same fields as columns of a Parquet file (as the `datasets` library writes them). Preference pairs
+(DPO, reward models) are `{"prompt": ..., "chosen": ..., "rejected": ...}` (format "preference"): the
+prompt a string or chat messages, each response a string or assistant messages (TRL's conversational
+form); a pair becomes two conversations, the chosen one then the rejected one, adjacent in the same
+split. Prompts for reinforcement learning (GRPO) are `{"prompt": ..., <fields the reward reads>}` (format
+"prompt"): the prompt rendered with the generation prompt (the assistant's turn opened), and each record
+kept whole in `{split}.records.jsonl` for the reward. The format is recognised from each record's fields
+unless `data.format` names it.
 
 The prepared corpus has the layout of a pretraining corpus (`prepare.py`: train.bin / val.bin token
 files, document index, tokenizer/, meta.json, built in a temp dir and renamed into place, the split a
@@ -26,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from megaloom.data.chat import ChatTemplate, Message, load_template, tokenize_conversation
+from megaloom.data.chat import ChatTemplate, Message, load_template, template_variables, tokenize_conversation
 from megaloom.data.prepare import (
     FORMAT_VERSION,
     CorpusInfo,
@@ -37,7 +43,7 @@ from megaloom.data.prepare import (
 from megaloom.data.sources import DataError
 from megaloom.data.tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer, pretrained_tokenizer, train_bpe
 
-FORMATS = ("auto", "chat", "prompt_response")
+FORMATS = ("auto", "chat", "prompt_response", "preference", "prompt")
 _SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -47,9 +53,16 @@ class Conversation:
 
     key: str
     messages: tuple[Message, ...]
+    rejected: tuple[Message, ...] | None = None  # a preference pair: `messages` ends with the chosen response
+    margin: float | None = None  # a pair's optional "margin" field (reward models' loss, Touvron et al. 2023)
+    record: dict | None = None  # a prompt to generate from (format "prompt"): the whole record, for the reward
 
     def text(self) -> str:
-        return "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages)
+        return "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages + (self.rejected or ())[-1:])
+
+    def conversations(self) -> tuple[tuple[Message, ...], ...]:
+        """What is tokenized: the conversation, or a pair's chosen then rejected conversation."""
+        return (self.messages,) if self.rejected is None else (self.messages, self.rejected)
 
 
 def iter_conversations(sources: list[str], fmt: str = "auto") -> Iterator[Conversation]:
@@ -95,7 +108,19 @@ def _iter_file(path: Path, fmt: str) -> Iterator[Conversation]:
 def _conversation(record: Any, where: str, fmt: str) -> Conversation:
     fields = sorted(record) if isinstance(record, dict) else []
     if fmt == "auto":
-        fmt = "chat" if "messages" in fields else "prompt_response" if {"prompt", "response"} <= set(fields) else ""
+        fmt = ("chat" if "messages" in fields else "prompt_response" if {"prompt", "response"} <= set(fields)
+               else "preference" if {"prompt", "chosen", "rejected"} <= set(fields)
+               else "prompt" if "prompt" in fields else "")
+    if fmt == "preference":
+        return _pair(record, where)
+    if fmt == "prompt":
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if isinstance(prompt, str):
+            return Conversation(where, ({"role": "user", "content": prompt},), record=record)
+        if isinstance(prompt, list) and prompt and all(_is_message(m) for m in prompt):
+            return Conversation(where, tuple(dict(m) for m in prompt), record=record)
+        raise DataError(f"data.sources: {where} needs \"prompt\" as a string or a non-empty list of "
+                        "{\"role\": str, \"content\": str} objects (data.format = \"prompt\")")
     if fmt == "chat":
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
@@ -109,8 +134,31 @@ def _conversation(record: Any, where: str, fmt: str) -> Conversation:
         system = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
         return Conversation(where, (*system, {"role": "user", "content": record["prompt"]},
                                     {"role": "assistant", "content": record["response"]}))
-    raise DataError(f"data.sources: {where} has fields {fields}, neither \"messages\" (chat) nor \"prompt\" and "
-                    "\"response\"; write records in one of those formats or set data.format")
+    raise DataError(f"data.sources: {where} has fields {fields}, neither \"messages\" (chat), \"prompt\" and "
+                    "\"response\" nor \"prompt\", \"chosen\" and \"rejected\" (preference); write records in one "
+                    "of those formats or set data.format")
+
+
+def _pair(record: Any, where: str) -> Conversation:
+    """A preference record: the prompt (a string: one user turn, or messages) followed by each response (a
+    string: one assistant turn, or messages)."""
+    def turns(value: Any, role: str, field: str) -> tuple[Message, ...]:
+        if isinstance(value, str):
+            return ({"role": role, "content": value},)
+        if isinstance(value, list) and value and all(_is_message(m) for m in value):
+            return tuple(dict(m) for m in value)
+        raise DataError(f"data.sources: {where} needs \"{field}\" as a string or a non-empty list of "
+                        "{\"role\": str, \"content\": str} objects (data.format = \"preference\")")
+
+    if not isinstance(record, dict):
+        raise DataError(f"data.sources: {where} is not a JSON object with \"prompt\", \"chosen\", \"rejected\"")
+    prompt = turns(record.get("prompt"), "user", "prompt")
+    chosen = turns(record.get("chosen"), "assistant", "chosen")
+    rejected = turns(record.get("rejected"), "assistant", "rejected")
+    margin = record.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise DataError(f"data.sources: {where} has \"margin\": {margin!r}; it must be a number or left out")
+    return Conversation(where, prompt + chosen, prompt + rejected, None if margin is None else float(margin))
 
 
 def _is_message(m: Any) -> bool:
@@ -146,6 +194,13 @@ def prepare_sft_corpus(sources: list[str], out_dir: Path, *, fmt: str = "auto", 
         records = list(_limited(iter_conversations(sources, fmt), max_bytes))
         if not records:
             raise DataError(f"data.sources: {sources!r} hold no conversations")
+        pairs = {r.rejected is not None for r in records}
+        prompts = {r.record is not None for r in records}
+        if len(pairs) > 1 or len(prompts) > 1:
+            first = next(r for r in records if r.rejected is not None or r.record is not None)
+            kind = "preference pairs" if first.rejected is not None else "prompts"
+            raise DataError(f"data.sources: {kind} ({first.key}) and other records are mixed; give DPO and reward "
+                            "models pairs only, GRPO prompts only, SFT conversations only")
         is_val = _split(records, seed, val_fraction)
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else \
             _tokenizer(settings, [r for r, v in zip(records, is_val) if not v], say)
@@ -157,7 +212,8 @@ def prepare_sft_corpus(sources: list[str], out_dir: Path, *, fmt: str = "auto", 
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
         counts = _encode(tmp, tok, template, dtype, records, is_val, train_on_prompt)
         return CorpusInfo(directory=tmp, tokenizer=tok.kind, vocab_size=tok.vocab_size,
-                          eos_id=tok.eos_id, dtype=np.dtype(dtype).name, sources=list(sources), **counts)
+                          eos_id=tok.eos_id, dtype=np.dtype(dtype).name, sources=list(sources),
+                          group=2 if True in pairs else 1, prompts=True in prompts, **counts)
 
     return build_once(Path(out_dir), settings, build)
 
@@ -215,18 +271,37 @@ def _encode(tmp: Path, tok: Tokenizer, template: ChatTemplate, dtype: type, reco
             is_val: list[bool], train_on_prompt: bool) -> dict[str, int]:
     starts: dict[str, list[int]] = {"train": [], "val": []}
     sizes = {"train": 0, "val": 0}
+    margins: dict[str, list[float]] = {"train": [], "val": []}  # per pair, 0 where a record gives none
+    prompt_records: dict[str, list[str]] = {"train": [], "val": []}
     with contextlib.ExitStack() as stack:
         files = {(split, kind): stack.enter_context(open(tmp / f"{split}{kind}.bin", "wb"))
                  for split, kind in itertools.product(sizes, ("", ".mask"))}
         for record, val in zip(records, is_val):
             split = "val" if val else "train"
-            ids, mask = tokenize_conversation(tok, template, record.messages, train_on_prompt=train_on_prompt,
-                                              where=record.key)
-            np.asarray(ids, dtype=dtype).tofile(files[split, ""])
-            np.asarray(mask, dtype=np.uint8).tofile(files[split, ".mask"])
-            starts[split].append(sizes[split])
-            sizes[split] += len(ids)
+            if record.rejected is not None:
+                margins[split].append(record.margin or 0.0)
+            if record.record is not None:  # a prompt: the assistant's turn opened, nothing to score yet
+                text = template.render(record.messages, True, template_variables(tok))
+                ids = tok.encode_special(text)
+                np.asarray(ids, dtype=dtype).tofile(files[split, ""])
+                np.zeros(len(ids), dtype=np.uint8).tofile(files[split, ".mask"])
+                prompt_records[split].append(json.dumps(record.record, ensure_ascii=False))
+                starts[split].append(sizes[split])
+                sizes[split] += len(ids)
+                continue
+            for messages in record.conversations():
+                ids, mask = tokenize_conversation(tok, template, messages, train_on_prompt=train_on_prompt,
+                                                  where=record.key)
+                np.asarray(ids, dtype=dtype).tofile(files[split, ""])
+                np.asarray(mask, dtype=np.uint8).tofile(files[split, ".mask"])
+                starts[split].append(sizes[split])
+                sizes[split] += len(ids)
     for split, offsets in starts.items():
         np.save(tmp / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
+        if any(r.margin is not None for r in records):
+            np.save(tmp / f"{split}.margin.npy", np.asarray(margins[split], dtype=np.float32))
+        if any(r.record is not None for r in records):
+            (tmp / f"{split}.records.jsonl").write_text("".join(line + "\n" for line in prompt_records[split]),
+                                                        encoding="utf-8")
     return {"train_tokens": sizes["train"], "val_tokens": sizes["val"], "train_docs": len(starts["train"]),
             "val_docs": len(starts["val"])}

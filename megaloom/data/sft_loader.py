@@ -12,6 +12,12 @@ last token to the next one's first), which every loss of megaloom leaves out of 
   along the row (padding is one more). The model restarts positions at each conversation and keeps its
   attention inside it (`model/layers.py` Packing), so each conversation's loss is the one it has alone.
 
+Preference pairs (`CorpusInfo.group` = 2: a pair's chosen and rejected conversations are adjacent
+documents) are drawn as items: an epoch shuffles the pairs, a batch of `global_batch` pairs is its
+2·global_batch rows (chosen, rejected, chosen, ...), and batches are (inputs, targets, pair ids), the
+pair's index in its split on each of its two rows (DPO's stored reference log-probabilities are looked
+up by it).
+
 Order and resume follow `loader.BatchLoader`: the rows of an epoch are a pure function of (seed, epoch),
 each step takes the next `global_batch` rows and every data-parallel rank its contiguous slice, so a
 dp=N run sees the dp=1 run's batches and a loader state resumes exactly, in any layout.
@@ -81,9 +87,18 @@ def pack_rows(lengths: np.ndarray, order: np.ndarray, capacity: int, packing: bo
     return rows
 
 
+def item_rows(lengths: np.ndarray, order: np.ndarray, capacity: int, packing: bool, group: int = 1) -> list[list[int]]:
+    """The rows of items taken in `order`: `pack_rows` for conversations; a pair's two documents, one per
+    row, for preference pairs (group 2)."""
+    if group == 1:
+        return pack_rows(lengths, order, capacity, packing)
+    return [[int(i) * group + k] for i in order for k in range(group)]
+
+
 def make_rows(dataset: SFTDataset, rows: list[list[int]], seq_len: int, packing: bool,
-              pad_rows: int = 0) -> Batch:
-    """(inputs, targets[, docs]) of shape (len(rows) + pad_rows, seq_len); a padding row counts no target."""
+              pad_rows: int = 0, group: int = 1) -> Batch:
+    """(inputs, targets[, docs]) of shape (len(rows) + pad_rows, seq_len); a padding row counts no target.
+    Pairs (group 2): (inputs, targets, pair ids), a padding row's id -1."""
     n = len(rows) + pad_rows
     buf = np.full((n, seq_len + 1), dataset.info.eos_id, dtype=np.int64)
     counted = np.zeros((n, seq_len + 1), dtype=bool)
@@ -102,6 +117,9 @@ def make_rows(dataset: SFTDataset, rows: list[list[int]], seq_len: int, packing:
     keep = counted[:, 1:] & (docs[:, 1:] == docs[:, :-1])
     x = torch.from_numpy(buf[:, :-1].copy())
     y = torch.from_numpy(np.where(keep, buf[:, 1:], IGNORE_INDEX))
+    if group > 1:
+        ids = torch.tensor([r[0] // group for r in rows] + [-1] * pad_rows, dtype=torch.int64)
+        return x, y, ids
     return (x, y, torch.from_numpy(docs[:, :-1].copy())) if packing else (x, y)
 
 
@@ -115,16 +133,19 @@ class SFTBatchLoader:
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
         self.packing, self.dp_rank, self.dp_size = packing, dp_rank, dp_size
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.group = dataset.info.group
+        if self.group > 1 and packing:
+            raise DataError("data.packing = true does not apply to preference pairs; set data.packing=false")
         self.num_docs = len(dataset)
         self.lengths = dataset.lengths(seq_len + 1)
         self.epoch, self.step = 0, 0
         self._set_epoch(0)
 
     def _set_epoch(self, epoch: int) -> None:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_docs)
-        self.rows = pack_rows(self.lengths, order, self.seq_len + 1, self.packing)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_docs // self.group)
+        self.rows = item_rows(self.lengths, order, self.seq_len + 1, self.packing, self.group)
         # the tail that does not fill a global batch is dropped, as in pretraining
-        self.steps_per_epoch = len(self.rows) // self.batch_size
+        self.steps_per_epoch = len(self.rows) // (self.batch_size * self.group)
         if self.steps_per_epoch == 0:
             raise DataError(f"train.global_batch: the {self.dataset.split} split has {self.num_docs} conversations "
                             f"in {len(self.rows)} rows of seq_len {self.seq_len}, fewer than a batch of "
@@ -136,10 +157,10 @@ class SFTBatchLoader:
         if self.step == self.steps_per_epoch:
             self._set_epoch(self.epoch + 1)
             self.step = 0
-        local = self.batch_size // self.dp_size
-        first = self.step * self.batch_size + self.dp_rank * local
+        local = self.batch_size // self.dp_size * self.group
+        first = self.step * self.batch_size * self.group + self.dp_rank * local
         self.step += 1
-        batch = make_rows(self.dataset, self.rows[first:first + local], self.seq_len, self.packing)
+        batch = make_rows(self.dataset, self.rows[first:first + local], self.seq_len, self.packing, group=self.group)
         return tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
 
     def state_dict(self) -> dict:
@@ -163,10 +184,12 @@ def sft_eval_batches(dataset: SFTDataset, seq_len: int, batch_size: int, n_batch
     if len(dataset) == 0:
         raise DataError(f"data.val_fraction: the {dataset.split} split holds no conversation; raise "
                         "data.val_fraction or add data")
-    rows = pack_rows(dataset.lengths(seq_len + 1), np.arange(len(dataset)), seq_len + 1, packing)
-    rows = rows[:n_batches * batch_size]
+    group = dataset.info.group
+    rows = item_rows(dataset.lengths(seq_len + 1), np.arange(len(dataset) // group), seq_len + 1, packing, group)
+    size = batch_size * group  # rows per micro-batch (pairs: both of each pair)
+    rows = rows[:n_batches * size]
     out = []
-    for b in range(0, len(rows), batch_size):
-        part = rows[b:b + batch_size]
-        out.append(make_rows(dataset, part, seq_len, packing, pad_rows=batch_size - len(part)))
+    for b in range(0, len(rows), size):
+        part = rows[b:b + size]
+        out.append(make_rows(dataset, part, seq_len, packing, pad_rows=size - len(part), group=group))
     return out

@@ -4,9 +4,10 @@ The model is the one `eval.load` builds (a run, a checkpoint, a Hugging Face dir
 so generation and evaluation load the same way. Each step is one forward with a KV cache per model
 chunk (each rank caches its own layers and heads): without pipelining the model is called directly,
 with it the `PipelineRunner` carries the step through the stages (`forward_outputs`). The last stage
-gathers the vocabulary-parallel logits over its tp group, samples (`megaloom.model.sample_next`), and
-one broadcast over the model-parallel group gives every rank of the replica the token, so the first
-stage can feed it next. Every data-parallel replica generates the same samples (rank 0 prints).
+gathers the vocabulary-parallel logits over its tp group (`gather_vocab`, which drops the padding of a
+vocabulary that t does not divide), samples (`megaloom.model.sample_next`), and one broadcast over
+the model-parallel group gives every rank of the replica the token, so the first stage can feed it next.
+Every data-parallel replica generates the same samples (rank 0 prints).
 
 `--chat` renders the conversation with the model's own chat template the way transformers'
 `apply_chat_template(messages, add_generation_prompt=True)` does (`megaloom.data.chat`), and the
@@ -25,6 +26,7 @@ from megaloom.data.chat import ChatTemplate, template_variables
 from megaloom.errors import ConfigError
 from megaloom.model import sample_next
 from megaloom.parallel.grid import Coords, ProcessGrid, rank_of
+from megaloom.parallel.tensor import gather_vocab
 from megaloom.precision import autocast
 from megaloom.train.assemble import ParallelModel
 
@@ -104,12 +106,8 @@ def _last_logits(pm: ParallelModel, chunks: list, inputs: torch.Tensor, caches: 
         local = pm.runner.forward_outputs([(inputs, None)], precision, kwargs)[0]
         if local is None:
             return None
-    local = local[:, -1].float().contiguous()
-    if pm.tp is None or pm.tp.size == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(pm.tp.size)]  # each tp rank holds V/t of the vocabulary
-    dist.all_gather(parts, local, group=pm.tp.group)
-    return torch.cat(parts, dim=-1)
+    # each tp rank holds ceil(V/t) columns of the vocabulary; the padding past V is dropped, never sampled
+    return gather_vocab(local[:, -1].float(), pm.tp, chunks[-1].cfg.vocab_size)
 
 
 def decode_samples(tokenizer: Tokenizer, rows: list[list[int]], prompt_len: int, eos_id: int | None,

@@ -60,10 +60,21 @@ def load_for_inference(path: str | Path, env: LaunchEnv, tp: int = 1, pp: int = 
     overrides = layout_overrides(tp, pp, env.world_size, device)
     cfg, ckpt = resolve(path, overrides)
     grid, dev = start(cfg, env)
-    pm, tokenizer, cfg = load_parallel_model(path, grid, dev, overrides)
+    if ckpt is not None and _is_quantized(ckpt):  # `megaloom quantize` output: torchao weights (docs/compression.md)
+        from megaloom.compress.store import load_quantized_parallel
+
+        pm, tokenizer, cfg = load_quantized_parallel(path, grid, dev, overrides)
+    else:
+        pm, tokenizer, cfg = load_parallel_model(path, grid, dev, overrides)
     run_dir = step = None
     if ckpt is not None:
         step = int(read_manifest(ckpt).get("step", 0))
         if (ckpt.parent.parent / "config.toml").is_file():  # a checkpoint inside a run directory
             run_dir = ckpt.parent.parent
     return Loaded(pm, tokenizer, cfg, grid, dev, run_dir, step)
+
+
+def _is_quantized(ckpt: Path) -> bool:
+    from megaloom.train.checkpoint import saved_keys
+
+    return "quantization" in saved_keys(ckpt)

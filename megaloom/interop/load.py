@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megaloom.config import Config, ModelConfig, load_config
+from megaloom.config import Config, ModelConfig, load_config, read_toml
 from megaloom.data.tokenizer import Tokenizer, load_tokenizer, pretrained_tokenizer
 from megaloom.interop.fill import fill, pretrained_source
 from megaloom.interop.hparams import is_gguf
+from megaloom.model import build_model
 from megaloom.model.transformer import Transformer
 from megaloom.parallel.grid import ProcessGrid
 from megaloom.train.assemble import ParallelModel, build_parallel_model
@@ -39,6 +40,9 @@ def resolve(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tu
     if is_pretrained(path):
         return load_config(None, [f"model.pretrained={json.dumps(str(path))}", *overrides]), None
     ckpt = latest_checkpoint(path)
+    if read_toml(ckpt / "config.toml").get("peft", {}).get("method", "none") != "none":
+        # a PEFT run's checkpoint holds the adapters only: the base is still model.pretrained (or the seed's)
+        return load_config(ckpt / "config.toml", ['peft.init=""', *overrides]), ckpt
     # the checkpoint holds the weights: where they came from first is not read again (it may be gone)
     return load_config(ckpt / "config.toml", ['model.pretrained=""', *overrides]), ckpt
 
@@ -71,7 +75,17 @@ class PretrainedWeights:
 def fill_model(model: torch.nn.Module, cfg: Config, ckpt: Path | None,
                group: dist.ProcessGroup | None = None) -> None:
     """Fill `model` (a model, a tensor-parallel shard, pipeline chunks, FSDP-sharded) from the checkpoint
-    `ckpt`, or from model.pretrained when `ckpt` is None. Collective over `group` for a checkpoint."""
+    `ckpt`, or from model.pretrained when `ckpt` is None. Collective over `group` for a checkpoint.
+    A PEFT run (peft.method): the frozen base from model.pretrained (else it keeps its seeded
+    initialisation), the adapters from `ckpt`."""
+    if cfg.peft.method != "none" and ckpt is not None:
+        if cfg.model.pretrained:
+            PretrainedWeights(cfg.model)(model_entries(model, lambda p: not getattr(p, "adapter", False)))
+        state = model_entries(model, lambda p: getattr(p, "adapter", False))
+        check_model_keys(ckpt, state, group)
+        with torch.no_grad():
+            load(ckpt, state, group)
+        return
     state = model_entries(model)
     if ckpt is None:
         PretrainedWeights(cfg.model)(state)
@@ -86,9 +100,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """The single-process model (in eval mode, fp32), its tokenizer and config, from a run directory
     (its newest checkpoint), a checkpoint directory, a Hugging Face model directory or a .gguf file."""
     cfg, ckpt = resolve(path, overrides)
-    model = Transformer(cfg.model)
+    adapt = _peft_hook(cfg)
+    if adapt is None:
+        model = Transformer(cfg.model)
+    else:  # the base initialised from the seed (a PEFT run without model.pretrained), then the adapters
+        model = build_model(cfg.model, cfg.train.seed)
+        adapt(model, None)
     fill_model(model, cfg, ckpt)
     return model.to(device).eval(), tokenizer_of(path, ckpt), cfg
+
+
+def _peft_hook(cfg: Config):  # noqa: ANN202 (megaloom.tune.peft.PeftHook | None)
+    """The adapters of a PEFT run's checkpoint need their modules built first (megaloom/tune)."""
+    if cfg.peft.method == "none":
+        return None
+    from megaloom.tune.peft import PeftHook
+
+    return PeftHook(cfg)
 
 
 def load_parallel_model(path: str | Path, grid: ProcessGrid, device: torch.device,
@@ -97,7 +125,7 @@ def load_parallel_model(path: str | Path, grid: ProcessGrid, device: torch.devic
     and config. `overrides` must give the grid's sizes when they are not the config's (parallel.tp=...,
     parallel.pp=..., parallel.dp=...), and the micro-batch and schedule a pipeline runs. Collective."""
     cfg, ckpt = resolve(path, overrides)
-    pm = build_parallel_model(cfg, grid, device, trainable=False)
+    pm = build_parallel_model(cfg, grid, device, trainable=False, adapt=_peft_hook(cfg))
     group = None
     if dist.is_initialized() and grid.world_size > 1:
         group = dist.new_group(backend="gloo")  # checkpoint metadata over gloo, whatever the training backend

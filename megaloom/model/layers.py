@@ -63,17 +63,29 @@ class Packing:
     mask: torch.Tensor  # (B, 1, T, T) bool: True where query t may attend key s (same document, s <= t)
 
     @staticmethod
-    def from_docs(docs: torch.Tensor) -> Packing:
+    def from_docs(docs: torch.Tensor, prompt: int = 0, offset: int = 0) -> Packing:
         """`docs` (B, T): any ids, equal along each document's contiguous run of tokens and different
-        from the neighbouring documents' (what the SFT loader gives: 0, 1, 2, ... along a row)."""
+        from the neighbouring documents' (what the SFT loader gives: 0, 1, 2, ... along a row).
+
+        Virtual tokens (megaloom/tune/prompt.py) come before every document, as they would before the
+        document alone: `prompt` soft-prompt tokens prepended to the row (positions 0..prompt-1, seen by
+        every token) or `offset` prefix positions held as keys/values by the attention. Either way each
+        document's positions start at prompt + offset."""
         B, T = docs.shape
         idx = torch.arange(T, device=docs.device)
         first = torch.ones(B, T, dtype=torch.bool, device=docs.device)
         first[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        positions = idx - torch.where(first, idx, 0).cummax(dim=1).values
+        positions = idx - torch.where(first, idx, 0).cummax(dim=1).values + prompt + offset
         segment = first.cumsum(dim=1)  # runs, whatever the ids: a repeated id further on is another document
         causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
         mask = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal
+        if prompt:  # the soft prompt: causal among itself, seen by every document, seeing none of them
+            P = prompt
+            positions = torch.cat([torch.arange(P, device=docs.device).expand(B, P), positions], dim=1)
+            top = torch.cat([torch.ones(P, P, dtype=torch.bool, device=docs.device).tril().expand(B, P, P),
+                             torch.zeros(B, P, T, dtype=torch.bool, device=docs.device)], dim=2)
+            bottom = torch.cat([torch.ones(B, T, P, dtype=torch.bool, device=docs.device), mask], dim=2)
+            mask = torch.cat([top, bottom], dim=1)
         return Packing(positions, mask.unsqueeze(1))
 
 
@@ -115,6 +127,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=bias)
         self.rotary = cfg.family == "llama"
         self.recompute_core = False  # selective recomputation; set by `set_recompute`
+        # prefix tuning (megaloom/tune/prompt.py): (virtual tokens, [k; v] of this rank's kv heads), keys and
+        # values every token attends to before its own sequence; None without it
+        self.prefix: nn.Parameter | None = None
+
+    def prefix_kv(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix as keys and values (batch, kv_heads, virtual tokens, head_dim). They are used as
+        they are, without rotary positions (as a Hugging Face KV cache holds them)."""
+        n, P = self.kv_heads * self.head_dim, self.prefix.shape[0]
+        k, v = self.prefix.to(dtype).split([n, n], dim=-1)
+        return tuple(t.view(P, self.kv_heads, self.head_dim).transpose(0, 1).expand(batch, -1, -1, -1) for t in (k, v))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, packing: Packing | None = None) -> torch.Tensor:
@@ -125,7 +147,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        start = cache.length if cache is not None else 0
+        # positions after the prefix's (prefix tuning), or after what the cache already holds
+        start = cache.length if cache is not None else 0 if self.prefix is None else self.prefix.shape[0]
         mask = None
         if packing is None:
             cos, sin = (rope[0][start:start + T], rope[1][start:start + T]) if self.rotary else (None, None)
@@ -134,17 +157,25 @@ class Attention(nn.Module):
             cos, sin = (rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)) if self.rotary else (None, None)
         if self.recompute_core and cache is None and torch.is_grad_enabled():
             # selective recomputation (Korthikanti et al. 2022, §5): keep q, k, v, recompute the core
-            y = checkpoint(self.core, q, k, v, cos, sin, None, mask)
+            y = checkpoint(self.core, q, k, v, cos, sin, None, mask, self.prefix)
         else:
-            y = self.core(q, k, v, cos, sin, cache, mask)
+            y = self.core(q, k, v, cos, sin, cache, mask, self.prefix)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
-             sin: torch.Tensor | None, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+             sin: torch.Tensor | None, cache: KVCache | None = None, mask: torch.Tensor | None = None,
+             prefix: torch.Tensor | None = None) -> torch.Tensor:
         """The attention core: rotary positions, then softmax(q·kᵀ/√d)·v, (B, heads, T, hd) in and out.
-        `mask` (packed documents): SDPA with that boolean mask instead of its causal flag."""
+        `mask` (packed documents): SDPA with that boolean mask instead of its causal flag. `prefix`
+        (prefix tuning): keys and values put before the sequence's, seen by every token; with a cache
+        they are already its first entries (`Transformer.new_cache`)."""
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if prefix is not None and cache is None:
+            pk, pv = self.prefix_kv(q.shape[0], k.dtype)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(*mask.shape[:3], pk.shape[2]), mask], dim=-1)
         if mask is not None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         if cache is not None:
@@ -187,7 +218,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Houlsby adapters
+    (megaloom/tune/adapter.py), when set, transform each sublayer's output before the residual sum."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -197,6 +229,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = LayoutDropout(cfg.dropout, f"layers.{layer}.drop", uses=2)  # after attention and after the MLP
         self.recompute = False  # full recomputation: keep only the input; set by `set_recompute`
+        self.attn_adapter: nn.Module | None = None
+        self.mlp_adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, packing: Packing | None = None) -> torch.Tensor:
@@ -206,8 +240,10 @@ class Block(nn.Module):
 
     def body(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
              cache: KVCache | None = None, packing: Packing | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, packing))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        a = self.drop(self.attn(self.attn_norm(x), rope, cache, packing))
+        x = x + (a if self.attn_adapter is None else self.attn_adapter(a))
+        m = self.drop(self.mlp(self.mlp_norm(x)))
+        return x + (m if self.mlp_adapter is None else self.mlp_adapter(m))
 
 
 def residual_std(cfg: ModelConfig) -> float:

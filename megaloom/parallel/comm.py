@@ -14,7 +14,9 @@ all-gather and reduce-scatter (t-1)/t·n of the full tensor's n bytes), the acco
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +136,30 @@ def leave_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
         return x
     if tp.sequence_parallel:
         return _Conjugate.apply(x, tp, _reduce_scatter_seq, _all_gather_seq)
+    return _Conjugate.apply(x, tp, _all_reduce_copy, _identity)
+
+
+@contextlib.contextmanager
+def whole_sequence(tp: TPGroup | None) -> Iterator[None]:
+    """Sequence parallelism off inside: every rank holds the whole sequence between the tensor-parallel
+    regions (generation in a training run: prompts of any length, then one token at a time). The layers
+    read the flag at each call, so a forward without gradients may switch it."""
+    if tp is None or not tp.sequence_parallel:
+        yield
+        return
+    tp.sequence_parallel = False
+    try:
+        yield
+    finally:
+        tp.sequence_parallel = True
+
+
+def sum_over_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The sum of each rank's partial x over the tp group, every rank then holding the whole: `g` without
+    sequence parallelism (all-reduce forward, identity backward), for values some ranks hold all of and
+    the others none (a reward model's score under sequence parallelism: the rank holding the position)."""
+    if tp.size == 1:
+        return x
     return _Conjugate.apply(x, tp, _all_reduce_copy, _identity)
 
 

@@ -76,6 +76,8 @@ class GradSync:
             # Megatron-LM's embedding group: the first and last stage hold the tied word embedding;
             # summing their gradients keeps the two copies identical after every step.
             for p in self.tied:
+                if not p.requires_grad:  # frozen on both stages (parameter-efficient fine-tuning): nothing to sum
+                    continue
                 counted_all_reduce(local(p.grad), self.embed_group, self.counters["pp"], "embedding_all_reduce")
 
     def _scattered(self) -> bool:
@@ -185,5 +187,7 @@ def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 def clip_(params: list[nn.Parameter], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients so their global norm is at most max_norm (as torch.nn.utils.clip_grad_norm_)."""
     grads = [local(p.grad) for p in params if p.grad is not None]
+    if not grads:  # a pipeline stage that trains nothing (prompt tuning's later stages)
+        return
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(grads, coef)

@@ -28,6 +28,7 @@ from types import MappingProxyType
 import torch.distributed as dist
 
 from megaloom.config import ConfigError, ModelConfig, ParallelConfig
+from megaloom.layout import check_vocab_rows
 
 
 class Axis(enum.Enum):
@@ -117,18 +118,13 @@ def _require_positive(tp: int, pp: int, dp: int) -> None:
 
 
 def _validate_model(m: ModelConfig, tp: int, pp: int, world_size: int) -> None:
-    """Tensor parallelism splits heads, kv heads, vocabulary rows and MLP columns over tp ranks (§2.3);
+    """Tensor parallelism splits heads, kv heads, vocabulary rows (padded) and MLP columns over tp ranks (§2.3);
     pipeline parallelism gives each of the pp stages the same number of layers (§2.2)."""
     for name, value in (("model.heads", m.heads), ("model.kv_heads", m.n_kv_heads)):
         if value % tp:
             raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({tp}); "
                               f"valid tp values: {_listed(_tp_choices(m, world_size // pp))}")
-    if m.vocab_size % tp:
-        # Padding is the usual fix: Megatron pads to a multiple of 128·tp (--make-vocab-size-divisible-by);
-        # 64 rows per shard keeps each shard's output GEMM on tensor-core-friendly sizes (nanoGPT's 50304).
-        raise ConfigError(f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tp ({tp}); "
-                          f"pad it to {_round_up(m.vocab_size, tp)} (next multiple of tp, "
-                          f"or {_round_up(m.vocab_size, 64 * tp)} for a multiple of 64·tp)")
+    check_vocab_rows(m.vocab_size, tp)  # any V: the last shard is padded (megaloom/parallel/shard.py)
     if m.ffn % tp:
         ffn = f"{m.ffn_hidden}, effective {m.ffn}" if m.ffn_hidden != m.ffn else f"{m.ffn}"
         raise ConfigError(f"model.ffn_hidden ({ffn}) must be divisible by parallel.tp ({tp}); "
@@ -152,7 +148,7 @@ def _suggest_layout(tp: int, pp: int, world_size: int, model: ModelConfig | None
 
 def _tp_choices(model: ModelConfig | None, room: int) -> list[int]:
     """tp values that divide `room` (so dp is whole) and every quantity tp splits; 1 always qualifies.
-    The vocabulary is left out: it can be padded."""
+    The vocabulary is left out: any t splits it, padding the last shard."""
     split = () if model is None else (model.heads, model.n_kv_heads, model.ffn)
     return [t for t in _divisors(room) if all(q % t == 0 for q in split)]
 
@@ -171,10 +167,6 @@ def _divisors(n: int) -> list[int]:
 
 def _nearest(want: int, options: list[int]) -> int:
     return min(options, key=lambda x: (abs(x - want), x))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # ---------------------------------------------------------------- the grid object

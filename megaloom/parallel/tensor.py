@@ -4,8 +4,9 @@
   slice of the output; the input goes through `f` (or the sequence all-gather).
 - RowParallelLinear: Y = X·B with B split by rows: each rank holds a slice of the input features and
   produces a partial sum; `g` (or the sequence reduce-scatter) adds them.
-- VocabParallelEmbedding: each rank holds V/t rows; tokens outside its range contribute zeros and the
-  partial embeddings are summed.
+- VocabParallelEmbedding: each rank holds ceil(V/t) rows (`layout.vocab_rows`); tokens outside its
+  range contribute zeros and the partial embeddings are summed. Where t does not divide V the last
+  rank's trailing rows are padding (`ShardSpec`): zero, never looked up, left out of every softmax.
 - the head's loss (`vocab_loss.py`): logits split over the vocabulary, never gathered and formed a
   chunk of rows at a time; per chunk one all-reduce of the max and one of the sum of exponentials and
   the target logit; -100 targets ignored as on one device.
@@ -36,12 +37,13 @@ class ColumnParallelLinear(nn.Module):
         out_f, in_f = full.weight.shape
         blocks = blocks or (out_f,)
         spec = ShardSpec((out_f, in_f), dim=0, blocks=blocks, rank=tp.rank, size=tp.size)
-        self.weight = nn.Parameter(torch.empty(out_f // tp.size, in_f, dtype=full.weight.dtype))
+        self.weight = nn.Parameter(torch.empty(spec.local_shape, dtype=full.weight.dtype))
         self.weight.shard_spec = spec
         self.bias = None
         if full.bias is not None:
-            self.bias = nn.Parameter(torch.empty(out_f // tp.size, dtype=full.bias.dtype))
-            self.bias.shard_spec = ShardSpec((out_f,), dim=0, blocks=blocks, rank=tp.rank, size=tp.size)
+            bias_spec = ShardSpec((out_f,), dim=0, blocks=blocks, rank=tp.rank, size=tp.size)
+            self.bias = nn.Parameter(torch.empty(bias_spec.local_shape, dtype=full.bias.dtype))
+            self.bias.shard_spec = bias_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(enter_tp(x, self.tp), self.weight, self.bias)
@@ -54,8 +56,9 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         out_f, in_f = full.weight.shape
-        self.weight = nn.Parameter(torch.empty(out_f, in_f // tp.size, dtype=full.weight.dtype))
-        self.weight.shard_spec = ShardSpec((out_f, in_f), dim=1, blocks=(in_f,), rank=tp.rank, size=tp.size)
+        spec = ShardSpec((out_f, in_f), dim=1, blocks=(in_f,), rank=tp.rank, size=tp.size)
+        self.weight = nn.Parameter(torch.empty(spec.local_shape, dtype=full.weight.dtype))
+        self.weight.shard_spec = spec
         self.bias = None if full.bias is None else nn.Parameter(torch.empty(out_f, dtype=full.bias.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,15 +67,17 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [rank·V/t, (rank+1)·V/t) of the token embedding; returns this rank's *partial* sum."""
+    """Rows [rank·R, (rank+1)·R) of the token embedding, R = ceil(V/t) (the last rank's rows past V are
+    padding, which no token id reaches); returns this rank's *partial* sum."""
 
     def __init__(self, full: nn.Embedding, tp: TPGroup):
         super().__init__()
         vocab, hidden = full.weight.shape
-        self.tp, self.per_rank = tp, vocab // tp.size
+        spec = ShardSpec((vocab, hidden), dim=0, blocks=(vocab,), rank=tp.rank, size=tp.size)
+        self.tp, self.per_rank, self.real = tp, spec.extent(vocab), spec.real(vocab)
         self.start = tp.rank * self.per_rank
-        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden, dtype=full.weight.dtype))
-        self.weight.shard_spec = ShardSpec((vocab, hidden), dim=0, blocks=(vocab,), rank=tp.rank, size=tp.size)
+        self.weight = nn.Parameter(torch.empty(spec.local_shape, dtype=full.weight.dtype))
+        self.weight.shard_spec = spec
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.start
@@ -92,12 +97,21 @@ class ParallelEmbedding(nn.Module):
         self.pos = embed.pos  # replicated (GPT-2 only)
         self.drop = embed.drop
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`positions` (B, T) of the whole sequence: each token's own position (packed documents)."""
-        x = leave_tp(self.tok(tokens).float(), self.tp)  # the residual stream is fp32 (FSDP may gather bf16)
+    def forward(self, tokens: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None,
+                prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` (B, T) of the whole sequence: each token's own position (packed documents).
+        `prompt` (P, hidden), replicated: soft-prompt embeddings put before the tokens' (prompt tuning);
+        zero rows stand for them in the sum over ranks, then each rank adds the prompt rows of its slice."""
+        partial = self.tok(tokens).float()  # the residual stream is fp32 (FSDP may gather bf16)
+        if prompt is not None:
+            partial = torch.cat([partial.new_zeros(partial.shape[0], prompt.shape[0], partial.shape[2]), partial], 1)
+        x = leave_tp(partial, self.tp)
+        T = x.shape[1]
+        first = self.tp.rank * T if self.tp.sequence_parallel else 0  # this rank's slice of the sequence
+        if prompt is not None:  # on every rank, rows or not: the backward's collectives need every rank
+            rows = prompt[first:first + T].float()
+            x = x + torch.cat([rows, rows.new_zeros(T - rows.shape[0], rows.shape[1])]).unsqueeze(0)
         if self.pos is not None:
-            T = x.shape[1]
-            first = self.tp.rank * T if self.tp.sequence_parallel else 0  # this rank's slice of the sequence
             if positions is not None:
                 x = x + self.pos(positions[:, first:first + T])
             else:
@@ -107,7 +121,10 @@ class ParallelEmbedding(nn.Module):
 
 class ParallelHead(nn.Module):
     """Logits split over the vocabulary and the vocab-parallel loss. Tied to the embedding shard (GPT-2)
-    or its own column-parallel weight named `head.weight` (Llama)."""
+    or its own column-parallel weight named `head.weight` (Llama). Each rank's weight has ceil(V/t)
+    rows, of which the first `real` are the vocabulary: the loss never forms the padding's logits, and
+    `forward` returns them (zero) only so that every rank's shard has one shape; `gather_vocab` drops
+    them."""
 
     def __init__(self, head: nn.Module, embed: ParallelEmbedding | None, tp: TPGroup):
         super().__init__()
@@ -115,17 +132,24 @@ class ParallelHead(nn.Module):
         self.chunk_rows = head.chunk_rows
         self._tied = [embed.tok] if head.weight is None else []
         self.weight = None
+        self._real = embed.tok.real if self._tied else 0
         if head.weight is not None:
             vocab = head.weight.shape[0]
-            self.weight = nn.Parameter(torch.empty(vocab // tp.size, head.weight.shape[1], dtype=head.weight.dtype))
-            self.weight.shard_spec = ShardSpec(tuple(head.weight.shape), dim=0, blocks=(head.weight.shape[0],),
-                                               rank=tp.rank, size=tp.size)
+            spec = ShardSpec(tuple(head.weight.shape), dim=0, blocks=(vocab,), rank=tp.rank, size=tp.size)
+            self.weight = nn.Parameter(torch.empty(spec.local_shape, dtype=head.weight.dtype))
+            self.weight.shard_spec = spec
+            self._real = spec.real(vocab)
 
     @property
     def start(self) -> int:
         """First vocabulary row this rank holds."""
         rows = self._tied[0].per_rank if self._tied else self.weight.shape[0]
         return self.tp.rank * rows
+
+    @property
+    def real(self) -> int:
+        """Rows of this rank's weight that are vocabulary entries; the rest (on the last rank) is padding."""
+        return self._real
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._tied[0].weight if self._tied else self.weight
@@ -137,7 +161,7 @@ class ParallelHead(nn.Module):
         `reduction="none"`: per token, no gradient."""
         w = self._tied[0].weight if self._tied else self.weight
         return vocab_parallel_linear_cross_entropy(enter_tp(h, self.tp), w, targets, self.tp, self.start,
-                                                   self.chunk_rows, reduction)
+                                                   self.chunk_rows, reduction, self.real)
 
 
 def parallelize_tensor(model: nn.Module, tp: TPGroup) -> nn.Module:
@@ -193,3 +217,13 @@ def gather_full(param: torch.Tensor, tp: TPGroup | None) -> torch.Tensor:
     parts = [torch.empty_like(param) for _ in range(tp.size)]
     dist.all_gather(parts, param.detach().contiguous(), group=tp.group)
     return spec.assemble(parts)
+
+
+def gather_vocab(logits: torch.Tensor, tp: TPGroup | None, vocab: int) -> torch.Tensor:
+    """Full-vocabulary logits (..., V) from each tp rank's shard (..., ceil(V/t)): all-gathered over the
+    tp group, the padding columns of the last shard(s) dropped. A collective when t > 1."""
+    if tp is None or tp.size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp.size)]
+    dist.all_gather(parts, logits.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=-1)[..., :vocab]

@@ -7,7 +7,9 @@ logit are all-reduced over the tp group. Here that runs `chunk` rows at a time, 
 single-device loss of `megaloom/model/loss.py` does: per chunk its logits (rounded to the autocast
 dtype, then fp32), the statistics, the loss, and at once its gradients with respect to h (a partial
 sum over this rank's vocabulary rows, which the column-parallel `f` before the head all-reduces, or
-reduce-scatters under sequence parallelism) and to the weight shard. Targets equal to -100 are left out
+reduce-scatters under sequence parallelism) and to the weight shard. Where t does not divide V, the
+weight shard's rows past its `real` ones are padding (`megaloom/parallel/shard.py`): their logits are
+never formed, so they take no part in the softmax and their gradient stays zero. Targets equal to -100 are left out
 of the mean, which divides by the number of the others (clamped to 1, no host sync), as
 `F.cross_entropy` and the single-device loss do. `reduction="none"` (no gradient) returns each token's
 loss instead, as the single-device loss does, for evaluation.
@@ -24,15 +26,16 @@ IGNORE_INDEX = -100
 
 
 def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TPGroup, start: int,
-                    chunk: int, dtype: torch.dtype, need_h: bool, need_w: bool,
+                    chunk: int, dtype: torch.dtype, need_h: bool, need_w: bool, real: int,
                     per_token: torch.Tensor | None = None):  # noqa: ANN202
-    w = weight.to(dtype)
+    w = weight[:real].to(dtype)  # the vocabulary rows; the padding after them never forms a logit
     rows = w.shape[0]
     valid = targets != IGNORE_INDEX
     count = valid.sum().clamp(min=1).to(torch.float32)
     loss = torch.zeros((), device=h.device, dtype=torch.float32)
     grad_h = torch.empty_like(h) if need_h else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    grad_w_real = grad_w[:real] if need_w else None  # the padding rows' gradient stays zero
     for begin in range(0, h.shape[0], chunk):
         sl = slice(begin, begin + chunk)
         hc, vc = h[sl].to(dtype), valid[sl]
@@ -62,14 +65,15 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
             if need_h:
                 grad_h[sl] = dz @ w
             if need_w:
-                grad_w += (dz.t() @ hc).float()
+                grad_w_real += (dz.t() @ hc).float()
     return loss / count, grad_h, grad_w
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, tp, start, chunk, dtype):  # noqa: ANN001, ANN205
-        loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, tp, start, chunk, dtype, *ctx.needs_input_grad[:2])
+    def forward(ctx, h, weight, targets, tp, start, chunk, dtype, real):  # noqa: ANN001, ANN205
+        loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, tp, start, chunk, dtype, *ctx.needs_input_grad[:2],
+                                               real)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -79,27 +83,30 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TPGroup,
-                                        start: int, chunk: int = 2048, reduction: str = "mean") -> torch.Tensor:
-    """Mean cross entropy of h @ weightᵀ where `weight` holds vocabulary rows [start, start + V/t) and
-    `h` (..., hidden) is the full (all-gathered) input of the head; targets (...) with -100 ignored.
+                                        start: int, chunk: int = 2048, reduction: str = "mean",
+                                        real: int | None = None) -> torch.Tensor:
+    """Mean cross entropy of h @ weightᵀ where `weight` holds vocabulary rows [start, start + real) then
+    padding (`real` None: every row is real) and `h` (..., hidden) is the full (all-gathered) input of
+    the head; targets (...) with -100 ignored.
     Under autocast the GEMMs run in the autocast dtype, as `F.linear` would. `reduction="none"`: each
     token's loss (the same on every tp rank), shaped like `targets`, 0 where ignored; no gradient."""
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     h2, y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    real = weight.shape[0] if real is None else real
     with torch.autocast(dev, enabled=False):
         if reduction == "none":
             if torch.is_grad_enabled():
                 raise RuntimeError("reduction='none' computes no gradient; call it under torch.no_grad()")
             out = torch.zeros(y.numel(), device=y.device, dtype=torch.float32)
-            _loss_and_grads(h2, weight, y, tp, start, chunk, dtype, False, False, out)
+            _loss_and_grads(h2, weight, y, tp, start, chunk, dtype, False, False, real, out)
             return out.view(targets.shape)
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            return _VocabParallelLinearCE.apply(h2, weight, y, tp, start, chunk, dtype)
-        return _loss_and_grads(h2, weight, y, tp, start, chunk, dtype, False, False)[0]
+            return _VocabParallelLinearCE.apply(h2, weight, y, tp, start, chunk, dtype, real)
+        return _loss_and_grads(h2, weight, y, tp, start, chunk, dtype, False, False, real)[0]

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megaloom.config import Config
+from megaloom.layout import vocab_rows
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch 2.13's name
 SIZES = tuple(4096 * 4**i for i in range(6))  # 4 KiB .. 4 MiB per rank, fp32 elements of 4 bytes
@@ -60,7 +61,7 @@ def planner_gemm_shapes(cfg: Config, tps: list[int]) -> list[tuple[int, int, int
     m, rows = cfg.model, cfg.train.micro_batch * cfg.model.seq_len
     shapes = set()
     for t in tps:
-        for n, k in _gemms(m, t) + [(m.vocab_size // t, m.hidden)]:
+        for n, k in _gemms(m, t) + [(vocab_rows(m.vocab_size, t), m.hidden)]:
             shapes |= {(rows, n, k), (rows, k, n), (k, n, rows)}
     return sorted(shapes)
 

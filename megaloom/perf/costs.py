@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 from megaloom.config import Config, ConfigError, ModelConfig
-from megaloom.layout import FLAG_NAMES, LayoutSpec, ScheduleKind, check_layout
+from megaloom.layout import FLAG_NAMES, LayoutSpec, ScheduleKind, check_layout, vocab_rows
 from megaloom.parallel.schedules import build_schedule, in_flight
 from megaloom.perf import flops, memory
 from megaloom.perf.cluster import Cluster
@@ -293,7 +293,7 @@ class StageCosts:
     def head(self) -> PassTime:
         """Final norm, logit GEMM and cross entropy on the last stage."""
         lay, m, r = self.job.layout, self.job.model, self.job.recipe
-        tokens, vocab = lay.microbatch * m.seq_len, m.vocab_size // lay.tp
+        tokens, vocab = lay.microbatch * m.seq_len, vocab_rows(m.vocab_size, lay.tp)  # the fullest shard
         fwd = gemm_seconds(self.dev, tokens, vocab, m.hidden)
         dgrad = gemm_seconds(self.dev, tokens, m.hidden, vocab)
         wgrad = gemm_seconds(self.dev, m.hidden, vocab, tokens)
@@ -363,7 +363,7 @@ class StageCosts:
         tied embedding (Megatron's, §2.2)."""
         lay, m = self.job.layout, self.job.model
         split, whole = (x * self.stage_layers(stage) for x in self.layer_split)
-        emb = m.vocab_size * m.hidden
+        emb = vocab_rows(m.vocab_size, lay.tp) * lay.tp * m.hidden  # each tp rank holds ceil(V/t) rows, padding too
         if stage == 0:
             split += emb
             whole += m.seq_len * m.hidden if m.family == "gpt2" else 0
@@ -435,7 +435,7 @@ class StageCosts:
         if rank == 0:  # the embedding output, kept for the first layer's backward
             act += tokens * m.hidden * 2
         if rank == lay.pp - 1:  # the loss and its gradient, one microbatch at a time
-            act += tokens * m.vocab_size / lay.tp * r.loss_memory
+            act += tokens * vocab_rows(m.vocab_size, lay.tp) * r.loss_memory
         return full, act, max(at_peak + act, full)
 
 

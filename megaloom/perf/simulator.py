@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
+from megaloom.layout import vocab_rows
 from megaloom.parallel.p2p_plan import P2PBatch, comm_plan
 from megaloom.parallel.schedules import (
     Action,
@@ -399,7 +400,7 @@ def global_sync_seconds(job: Job) -> float:
     c, lay, m = job.cluster, job.layout, job.model
     t = 2 * collective_seconds(c, Collective.ALL_REDUCE, 8.0, tuple(range(0, job.gpus, max(1, job.gpus // 8))))
     if m.family == "gpt2" and lay.pp > 1:
-        t += collective_seconds(c, Collective.ALL_REDUCE, m.vocab_size * m.hidden / lay.tp * 4,
+        t += collective_seconds(c, Collective.ALL_REDUCE, vocab_rows(m.vocab_size, lay.tp) * m.hidden * 4,
                                 (stage_rank(job, 0), stage_rank(job, lay.pp - 1)))
     return t
 
@@ -508,7 +509,7 @@ def communication_by_stage(job: Job, costs: StageCosts) -> list[dict[str, float]
         if p > 1:
             pp += sends * bsh / t * act
             if m.tied and (0 in stages or last in stages):
-                pp += m.vocab_size * m.hidden / t * 4 / sharded
+                pp += vocab_rows(m.vocab_size, t) * m.hidden * 4 / sharded
             pp += 2 * (p - 1) / p * 4
         dp = 0.0
         if d > 1:

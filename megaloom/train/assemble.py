@@ -13,7 +13,7 @@ gradient norm; a model built with `trainable=False` gets no gradient buffer, no 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,9 @@ from megaloom.parallel.pipeline import PipelineRunner, StageLink, rank_chunk_lay
 from megaloom.parallel.schedules import build_schedule, virtual_stage
 from megaloom.parallel.tensor import parallelize_tensor
 from megaloom.train.optim import build_optimizer
+
+# what a higher layer does to each model chunk before ZeRO wrapping (e.g. insert adapters): (chunk, tp) -> None
+Adapt = Callable[[torch.nn.Module, TPGroup | None], None]
 
 
 @dataclass
@@ -115,17 +118,23 @@ class ParallelModel:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *, trainable: bool = True) -> ParallelModel:
+def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *, trainable: bool = True,
+                         adapt: Adapt | None = None) -> ParallelModel:
     """This rank's part of the model of `cfg` (initialised as its slice of the single-device model) in the
     config's (t, p, d, ZeRO) layout. `trainable=False`: every parameter frozen (a reference or reward
     model); under ZeRO-3 it is still sharded over dp, under ZeRO-1/2 it is replicated (no optimizer state
-    to shard). Collective: every rank calls it."""
+    to shard). `adapt(chunk, tp)`: called on every model chunk before ZeRO wrapping (parameter-efficient
+    fine-tuning: `megaloom.tune.peft.PeftHook` freezes the base and adds the adapters). Collective:
+    every rank calls it."""
     tp = tp_group(grid, cfg.parallel.sequence_parallel)
     pipe = build_pipeline(cfg, grid, device, tp) if grid.pp > 1 else None
     if pipe is not None:
         model: torch.nn.Module = torch.nn.ModuleList(pipe.chunks)
     else:
         model = build_model(cfg.model, cfg.train.seed, device, tp=tp)
+    if adapt is not None:
+        for chunk in pipe.chunks if pipe is not None else [model]:
+            adapt(chunk, tp)
     if not trainable:
         model.requires_grad_(False)
     fsdp = None
@@ -142,11 +151,12 @@ def build_parallel_model(cfg: Config, grid: ProcessGrid, device: torch.device, *
     return ParallelModel(model, tp, pipe, fsdp)
 
 
-def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device, model: ParallelModel | None = None) -> Training:
+def setup_training(cfg: Config, grid: ProcessGrid, device: torch.device, model: ParallelModel | None = None,
+                   adapt: Adapt | None = None) -> Training:
     """The trained model of `cfg` (or `model`, built by `build_parallel_model` and perhaps partly frozen
     since) with its data-parallel gradient buffer, its (possibly ZeRO-sharded) optimizer over the
-    trainable parameters only, and the gradient sync."""
-    pm = model if model is not None else build_parallel_model(cfg, grid, device)
+    trainable parameters only, and the gradient sync. `adapt`: as for `build_parallel_model`."""
+    pm = model if model is not None else build_parallel_model(cfg, grid, device, adapt=adapt)
     model, pipe = pm.model, pm.pipe
     dp = DPGroup(grid.dp_group, grid.dp, grid.dp_rank)
     params = pm.trainable()

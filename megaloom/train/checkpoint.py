@@ -274,10 +274,14 @@ def load(ckpt: Path, state: dict[str, Any], group: dist.ProcessGroup | None = No
     return planner.objects
 
 
-def check_model_keys(ckpt: Path, wanted: dict[str, Sharded], group: dist.ProcessGroup | None = None) -> None:
+def check_model_keys(ckpt: Path, wanted: dict[str, Sharded], group: dist.ProcessGroup | None = None,
+                     extra_ok: tuple[str, ...] = ()) -> None:
     """One clear error when the checkpoint holds another model than the one built from the config.
-    Under pipelining each rank holds some layers: the union over `group` must be the saved set."""
-    saved = {k: v for k, v in saved_keys(ckpt).items() if k.startswith("model/")}
+    Under pipelining each rank holds some layers: the union over `group` must be the saved set, except
+    for parameters named with a prefix in `extra_ok` (an objective's own heads, which a frozen reference
+    built from the same checkpoint does not have)."""
+    saved = {k: v for k, v in saved_keys(ckpt).items()
+             if k.startswith("model/") and not k[len("model/"):].startswith(extra_ok or ("\0",))}
     everywhere = {k for part in all_gather(sorted(wanted), group) for k in part}
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - everywhere)

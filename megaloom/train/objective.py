@@ -17,6 +17,7 @@ weights are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,11 +40,13 @@ class Objective:
 
     name = "lm"
     metric_names: tuple[str, ...] = ()  # reported per metrics row beside `loss`, in this order
+    rows = 1  # sequences per item of train.global_batch and train.micro_batch (2: a preference pair)
+    new_parameters: tuple[str, ...] = ()  # name prefixes of parameters the objective adds (not in model.pretrained)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._sums: dict[str, torch.Tensor] = {}
-        self._counts = 0
+        self._counts: dict[str, int] = {}
         self.train_data: Any = None
         self.val_data: Any = None
         self.loader: Any = None
@@ -74,6 +77,28 @@ class Objective:
         """A clause for the run's header line about the data (empty: nothing to add)."""
         return ""
 
+    def adapt_model(self, chunk: nn.Module, tp: Any) -> None:
+        """Called on every model chunk as it is built, after parameter-efficient adapters and before ZeRO
+        wrapping: where an objective adds parameters of its own (a reward model's scalar head)."""
+
+    def start(self, trainer: Any) -> None:
+        """Called once the trainer has set up the model and loaded a checkpoint, if any, before the first
+        step: where an objective builds what it needs beside the trained model (a frozen reference)."""
+
+    def state_dict(self) -> dict:
+        """What the objective carries from step to step besides the loader (PPO's KL coefficient): saved in
+        checkpoints, the same on every rank."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict`'s output."""
+
+    def prepare(self, batch: Micro, split: str) -> Micro:
+        """This rank's batch (of `split`, "train" or "val", on the device) before it is cut into
+        micro-batches: where an objective adds what its loss reads besides the tokens (reference
+        log-probabilities). Collective when it runs models: every rank calls it in the same order."""
+        return batch
+
     # ------------------------------------------------------------------ loss
 
     def call(self, model: nn.Module, inputs: torch.Tensor, micro: Micro, last: bool = True, **kwargs) -> torch.Tensor:
@@ -88,20 +113,23 @@ class Objective:
 
     # ------------------------------------------------------------------ metrics
 
-    def record(self, **values: torch.Tensor) -> None:
-        """Add one micro-batch's metrics (means over the micro-batch), detached, on the loss's rank."""
+    def record(self, **values: torch.Tensor | float) -> None:
+        """Add one value of each metric (a micro-batch's mean, or a batch's), on the rank that computes the
+        loss (the last pipeline stage) only, so that the sum over the pipeline is the value."""
         for name, v in values.items():
-            v = v.detach().float()
+            v = torch.as_tensor(v).detach().float()
             self._sums[name] = self._sums[name] + v if name in self._sums else v
-        self._counts += 1 if values else 0
+            self._counts[name] = self._counts.get(name, 0) + 1
 
-    def take_metrics(self, device: torch.device) -> torch.Tensor:
-        """The mean of each metric over the micro-batches recorded since the last call, in the order of
-        `metric_names` (zeros on ranks that computed no loss); then starts over."""
-        n = max(self._counts, 1)
-        out = torch.stack([self._sums.get(k, torch.zeros((), device=device)).to(device) / n
+    def take_metrics(self, device: torch.device, owner: bool = True) -> torch.Tensor:
+        """The mean of each metric over the values recorded since the last call, in the order of
+        `metric_names`; then starts over. A metric with no value is 0 on ranks that do not compute the
+        loss (`owner` False) and NaN on those that do, so that after the sum over the pipeline it reads
+        "not measured in this interval" (a PPO step without a rollout has no KL)."""
+        missing = torch.tensor(math.nan if owner else 0.0, device=device)
+        out = torch.stack([self._sums[k].to(device) / self._counts[k] if k in self._sums else missing
                            for k in self.metric_names]) if self.metric_names else torch.zeros(0, device=device)
-        self._sums, self._counts = {}, 0
+        self._sums, self._counts = {}, {}
         return out
 
 

@@ -5,7 +5,8 @@ holds of it is a list of *pieces*: a view into the rank's own memory plus the of
 the full tensor. Three layouts compose:
 
 - tensor parallelism: a parameter is slice `rank` of `size` of each block along one dim (`ShardSpec`;
-  a fused QKV has three blocks, so its shard is three pieces);
+  a fused QKV has three blocks, so its shard is three pieces); the padding of a vocabulary that t does
+  not divide is in no piece, so a checkpoint holds exactly V rows whatever t wrote it;
 - ZeRO-2/3 (FSDP2): the tensor-parallel shard is split again along dim 0 over the dp ranks (a DTensor);
 - ZeRO-1: the optimizer state covers a contiguous range of the flattened parameters, which becomes up
   to three rectangles per parameter (a partial first row, whole rows, a partial last row).
@@ -19,6 +20,7 @@ planners below are the whole bridge between our pieces and DCP.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,15 +74,16 @@ def spec_pieces(view: torch.Tensor, start: tuple[int, ...], spec: ShardSpec | No
     """Pieces of `view`, which sits at `start` inside the tensor-parallel shard described by `spec`.
 
     Along `spec.dim` the shard is the concatenation of slice `rank` of every block; a view that spans
-    several blocks is cut at the block boundaries, each part moved to its place in the full tensor."""
+    several blocks is cut at the block boundaries, each part moved to its place in the full tensor. The
+    padding at the end of a slice (`ShardSpec.real`) belongs to no full tensor and makes no piece."""
     if spec is None or spec.size == 1:
         return [Piece(view, tuple(start))]
     d, pieces = spec.dim, []
     local_lo = 0  # where the current block's slice starts inside the shard
     global_lo = 0  # where the current block starts in the full tensor
     for block in spec.blocks:
-        per_rank = block // spec.size
-        lo, hi = max(start[d], local_lo), min(start[d] + view.shape[d], local_lo + per_rank)
+        per_rank = spec.extent(block)
+        lo, hi = max(start[d], local_lo), min(start[d] + view.shape[d], local_lo + spec.real(block))
         if lo < hi:
             part = view.narrow(d, lo - start[d], hi - lo)
             offsets = list(start)
@@ -154,9 +157,13 @@ def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for chunk in chunks_of(model) for name, p in chunk.named_parameters()]
 
 
-def model_entries(model: nn.Module) -> dict[str, Sharded]:
+def model_entries(model: nn.Module, select: Callable[[nn.Parameter], bool] | None = None) -> dict[str, Sharded]:
+    """Every parameter's pieces under model/<name>; with `select`, only the parameters it accepts (a PEFT
+    run's checkpoints hold the trainable adapters, its pretrained base fills the frozen rest)."""
     out: dict[str, Sharded] = {}
     for name, p in named_parameters(model):
+        if select is not None and not select(p):
+            continue
         out.setdefault(f"model/{name}", Sharded(full_shape(p))).add(tensor_pieces(p))
     return out
 

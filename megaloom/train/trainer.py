@@ -31,7 +31,7 @@ from megaloom.parallel.grid import ProcessGrid
 from megaloom.perf.flops import model_flops_per_token
 from megaloom.perf.hardware import peak_flops
 from megaloom.precision import autocast
-from megaloom.train.assemble import setup_training
+from megaloom.train.assemble import Adapt, setup_training
 from megaloom.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -41,10 +41,16 @@ from megaloom.train.checkpoint import (
     read_manifest,
     saved_keys,
 )
+from megaloom.train.objective import Objective, builtin_objective
 from megaloom.train.optim import lr_at, set_lr
 from megaloom.train.precision import DynamicLossScaler
-from megaloom.train.sharded_state import init_optimizer_state, model_entries, optimizer_entries, set_optimizer_step
-from megaloom.train.objective import Objective, builtin_objective
+from megaloom.train.sharded_state import (
+    init_optimizer_state,
+    model_entries,
+    named_parameters,
+    optimizer_entries,
+    set_optimizer_step,
+)
 from megaloom.train.step import train_step
 
 
@@ -75,13 +81,22 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, corpus: CorpusInfo, console: Console,
                  grid: ProcessGrid, device: torch.device, weights: Callable[[dict], str] | None = None,
-                 evals: Sequence[Callable[[Trainer], dict]] = (), objective: Objective | None = None):
+                 evals: Sequence[Callable[[Trainer], dict]] = (), objective: Objective | None = None,
+                 adapt: Adapt | None = None, step_hooks: Sequence = ()):
         """`weights`: what a fresh run starts from instead of its random initialisation (model.pretrained:
         `megaloom.interop.PretrainedWeights`); it fills the pieces `model_entries` gives, in any layout.
         `evals`: run with each validation, each returns metrics for the row (train.eval_tasks:
         `megaloom.eval.training_evals`; passed in, since evaluation sits above the training loop).
         `objective`: what the run trains for (train.objective); lm and sft are built in, the objectives of
-        higher layers (alignment, distillation) are passed in by the command line."""
+        higher layers (alignment, distillation) are passed in by the command line.
+        `adapt`: peft.method's hook (`megaloom.tune.peft.PeftHook`): it adds the adapters to each model
+        chunk; the base is frozen, filled by `weights` and never checkpointed, the checkpoints hold the
+        trainable parameters and record the base they need (`adapt.record`, checked on load).
+        `step_hooks`: objects with start(model, checkpoint, group) -> str (after loading), apply(model) (after each
+        optimizer step) and entries() (more checkpoint entries): train.keep_sparsity's
+        `megaloom.compress.sparsity.KeepSparsity`, passed in by the command line."""
+        self.step_hooks = list(step_hooks)
+        self.loaded_from: Path | None = None  # the checkpoint the run resumed from or loaded, if any
         self.evals = list(evals)
         self.cfg, self.run_dir, self.corpus, self.console = cfg, Path(run_dir), corpus, console
         self.grid, self.device = grid, device
@@ -89,6 +104,14 @@ class Trainer:
             raise ConfigError(f"model.pretrained = '{cfg.model.pretrained}' but no weights reader was given to the "
                               "trainer; pass megaloom.interop.PretrainedWeights(cfg.model) (megaloom train does)")
         self.weights = weights
+        if cfg.peft.method != "none" and adapt is None:
+            raise ConfigError(f"peft.method = '{cfg.peft.method}' but no adapter hook was given to the trainer; pass "
+                              "megaloom.tune.peft.PeftHook(cfg) (megaloom train does)")
+        self.adapt = adapt
+        # a PEFT run saves only what it trains; its pretrained weights fill only the frozen base
+        peft = cfg.peft.method != "none"
+        self.saved = (lambda p: p.requires_grad) if peft else None
+        self.base = (lambda p: not p.requires_grad) if peft else None
         self.main = grid.rank == 0  # rank 0 writes the run directory and talks to the terminal
         m, t = cfg.model, cfg.train
         if corpus.vocab_size > m.vocab_size:
@@ -102,10 +125,17 @@ class Trainer:
         seed_everything(t.seed)
         self.objective.open(corpus, grid, pin_memory=self.device.type == "cuda")
         self.loader = self.objective.loader
-        self.parts = setup_training(cfg, grid, self.device)
+        hooks = [h for h in (adapt, self.objective.adapt_model) if h is not None]
+        self.parts = setup_training(cfg, grid, self.device, adapt=(lambda chunk, tp: [h(chunk, tp) for h in hooks]))
+        new = {id(p) for name, p in named_parameters(self.parts.model) if name.startswith(self.objective.new_parameters)}
+        if new:  # the objective's own parameters (a reward head) start from train.seed, not from model.pretrained
+            base = self.base or (lambda p: True)
+            self.base = lambda p: base(p) and id(p) not in new
         self.tp, self.runner = self.parts.tp, self.parts.runner
         if self.runner is not None:
             self.runner.call = self.objective.call
+            b, seq, hidden = self.runner.act_shape
+            self.runner.act_shape = (b * self.objective.rows, seq, hidden)  # a micro-batch's sequences
         self.model, self.optimizer, self.sync = self.parts.model, self.parts.optimizer, self.parts.sync
         self.step_model = torch.compile(self.model) if t.compile else self.model
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
@@ -138,9 +168,13 @@ class Trainer:
         self.prepare_run_dir()
         self.console.header(self.describe())
         self.resume()
+        for hook in self.step_hooks:
+            self.console.print(f"    {hook.start(self.model, self.loaded_from, self.checkpointer.group)}")
+        self.phase = "the objective's start-up"
+        self.objective.start(self)
         done_before = self.step >= t.steps  # a resumed run that had already finished
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard) if self.main else None
-        tokens_per_step = t.global_batch * cfg.model.seq_len
+        tokens_per_step = t.global_batch * self.objective.rows * cfg.model.seq_len
         first_loss = final_loss = final_val = math.nan
         first_step = 1
         last_time = time.perf_counter()
@@ -199,11 +233,15 @@ class Trainer:
         t = self.cfg.train
         self.phase = f"training step {self.step + 1} (forward, backward, gradient reduction, update)"
         set_lr(self.optimizer, lr_at(self.step, t))
-        batch = [b.to(self.device, non_blocking=True) for b in self.loader.next_batch()]  # (x, y) or (x, y, docs)
-        micro = list(zip(*(b.split(t.micro_batch) for b in batch)))
+        batch = tuple(b.to(self.device, non_blocking=True) for b in self.loader.next_batch())  # (x, y, ...)
+        batch = self.objective.prepare(batch, "train")
+        micro = list(zip(*(b.split(t.micro_batch * self.objective.rows) for b in batch)))
         result = train_step(self.step_model, self.optimizer, micro, precision=t.precision,
                             scaler=self.scaler, grad_clip=t.grad_clip, sync=self.sync,
                             pipeline=self.runner, inject=self.fault_hook(), micro_loss=self.objective.micro_loss)
+        if not result.skipped:
+            for hook in self.step_hooks:
+                hook.apply(self.model)
         if result.skipped:
             self.skipped += 1
             self.consecutive_skips += 1
@@ -229,7 +267,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak else None,
             "mem_gib": peak_memory_gib(self.device),
-            "tokens": self.step * self.cfg.train.global_batch * self.cfg.model.seq_len,
+            "tokens": self.step * self.cfg.train.global_batch * self.objective.rows * self.cfg.model.seq_len,
             "skipped": self.skipped,
         }
         if self.scaler is not None:
@@ -259,14 +297,16 @@ class Trainer:
         names = self.objective.metric_names
         if not names:
             return {}
-        values = self.reduce_loss(self.objective.take_metrics(self.device)).tolist()
-        return {prefix + name: v for name, v in zip(names, values)}
+        owner = self.grid.pp_rank == self.grid.pp - 1  # the last stage computes the loss and its metrics
+        values = self.reduce_loss(self.objective.take_metrics(self.device, owner)).tolist()
+        return {prefix + name: v for name, v in zip(names, values) if not math.isnan(v)}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.train
         self.model.eval()
-        batches = [tuple(b.to(self.device) for b in mb) for mb in self.objective.eval_batches()]
+        batches = [self.objective.prepare(tuple(b.to(self.device) for b in mb), "val")
+                   for mb in self.objective.eval_batches()]
         if self.runner is not None:
             loss = self.runner.forward_only(batches, t.precision)
         else:
@@ -290,13 +330,18 @@ class Trainer:
         """This rank's part of everything a run needs to go on as if never stopped."""
         if self.sync.fsdp is not None:
             self.sync.fsdp.reshard()
-        state: dict = model_entries(self.model)
+        state: dict = model_entries(self.model, self.saved)
+        if self.adapt is not None:
+            state["peft_base"] = self.adapt.record  # which base model the adapters need
         moments, adam_step = optimizer_entries(self.model, self.optimizer)
         state.update(moments)
+        for hook in self.step_hooks:
+            state.update(hook.entries())
         pending = self.reduce_loss(torch.stack(self.pending)).tolist() if self.pending else []
         state["train"] = {  # the same on every rank: written once
             "step": self.step, "adam_step": adam_step, "skipped": self.skipped,
             "loader": self.loader.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "objective": self.objective.state_dict(),
             "pending_losses": pending,  # the next metrics row averages over steps from before the save too
         }
         state[f"rank/{self.grid.rank:05d}"] = {  # this rank's own random streams
@@ -315,15 +360,21 @@ class Trainer:
         """Continue from the run directory's newest valid checkpoint, else from checkpoint.load, else
         start fresh."""
         self.phase = "loading a checkpoint"
-        ckpt = self._choose_checkpoint()
+        ckpt = self.loaded_from = self._choose_checkpoint()
         if ckpt is None:
             if self.weights is not None:  # a fresh run from pretrained weights: the same pieces a checkpoint fills
-                self.console.print(f"    loaded {self.weights(model_entries(self.model))}")
+                self.console.print(f"    loaded {self.weights(model_entries(self.model, self.base))}")
+            self._adapted(fresh=True)
             self._truncate_metrics(0)
             return
-        state = model_entries(self.model)
+        state = model_entries(self.model, self.saved)
         check_model_keys(ckpt, state, self.checkpointer.group)
         saved = saved_keys(ckpt)
+        if self.adapt is not None:
+            state["peft_base"] = None
+            if "peft_base" not in saved:
+                raise CheckpointError(f"checkpoint {ckpt} holds no adapters of a PEFT run (peft.method = "
+                                      f"'{self.cfg.peft.method}' here); start it with model.pretrained instead")
         full = "train" in saved  # else weights only (e.g. `megaloom convert` of a safetensors file)
         if full:
             init_optimizer_state(self.optimizer)
@@ -334,6 +385,11 @@ class Trainer:
                 state[mine] = None
         with torch.no_grad():
             objects = load(ckpt, state, self.checkpointer.group)
+        if self.adapt is not None:
+            self.adapt.check(objects["peft_base"], ckpt)
+            if self.weights is not None:  # the checkpoint holds the adapters; the frozen base comes from its source
+                self.console.print(f"    loaded {self.weights(model_entries(self.model, self.base))}")
+            self._adapted(fresh=False)
         if not full:
             self.console.print(f"    loaded the weights of {ckpt} (no optimizer state: starting at step 0)")
             self._truncate_metrics(0)
@@ -342,6 +398,7 @@ class Trainer:
         self.step, self.skipped = int(train["step"]), int(train["skipped"])
         set_optimizer_step(self.optimizer, train["adam_step"])
         self.loader.load_state_dict(train["loader"])
+        self.objective.load_state_dict(train.get("objective") or {})
         if self.scaler is not None and train["scaler"] is not None:
             self.scaler.load_state_dict(train["scaler"])
         self.pending = [torch.tensor(v, device=self.device) for v in train["pending_losses"]]
@@ -362,6 +419,27 @@ class Trainer:
         self.own_checkpoint = ckpt if own else None
         self.console.print(f"    {'resumed' if own else 'loaded'} {ckpt} at step {self.step}"
                            f"{'' if same_layout else ' (saved in another layout: resharded)'}")
+
+    def _adapted(self, fresh: bool) -> None:
+        """The base holds its final weights: the PEFT hook's last steps (peft.init, DoRA's magnitudes, NF4)."""
+        if self.adapt is not None:
+            said = self.adapt.loaded(self.model, fresh)
+            if said:
+                self.console.print(f"    peft: {said}")
+
+    def fill_start_weights(self, model: torch.nn.Module) -> None:
+        """Fill `model`, another model of this config built on this grid (DPO's frozen reference), with the
+        weights this run started from: checkpoint.load's checkpoint, else model.pretrained, else nothing (the
+        seed's initialisation, which it already has). Collective."""
+        state = model_entries(model)
+        if self.cfg.checkpoint.load:
+            share, gather = (self.grid.rank, self.grid.world_size), self.checkpointer.gather
+            ckpt = find_checkpoint(Path(self.cfg.checkpoint.load), share=share, gather=gather)
+            check_model_keys(ckpt, state, self.checkpointer.group, extra_ok=self.objective.new_parameters)
+            with torch.no_grad():
+                load(ckpt, state, self.checkpointer.group)
+        elif self.weights is not None:
+            self.weights(state)
 
     def _choose_checkpoint(self) -> Path | None:
         """Every rank verifies its share of the candidates' files (sizes and checksums against the
@@ -460,7 +538,16 @@ class Trainer:
             ("device", f"{self.device}{' (' + device_name(self.device) + ')' if device_name(self.device) else ''}, "
                        f"{t.precision}"),
             ("run dir", str(self.run_dir)),
-        ]
+        ] + ([("peft", self.peft_summary())] if self.adapt is not None else [])
+
+    def peft_summary(self) -> str:
+        """What a parameter-efficient run trains: this rank's trainable and total parameters."""
+        params = list(self.model.parameters())
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        p = self.cfg.peft
+        return (f"{p.method}{f' r={p.rank}' if p.method in ('lora', 'dora') else ''}: {trained:,} trainable of "
+                f"{total:,} parameters on this rank ({100 * trained / max(1, total):.2f}%), the base frozen")
 
 
 def _communication_failure(e: RuntimeError) -> bool:

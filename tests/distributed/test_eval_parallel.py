@@ -1,7 +1,9 @@
 """megaloom eval and generate in parallel layouts equal one process: the same perplexity, the same
 choice scores item by item, the same greedy chat reply, on a tiny Hugging Face Llama (GQA) loaded
-through megaloom.interop. One launch of two gloo processes runs tp = 2, pp = 2 and dp = 2; the slow
-variant launches four for tp x pp = 2 x 2 and each of them beside dp = 2."""
+through megaloom.interop, and the same sampled (temperature 1) generation. The model has 385 vocabulary
+rows, which tp = 2 splits as 193 + 192 and a padding row that no score or sample ever sees. One launch of
+two gloo processes runs tp = 2, pp = 2 and dp = 2; the slow variant launches four for tp x pp = 2 x 2 and
+each of them beside dp = 2."""
 
 import pytest
 
@@ -17,6 +19,7 @@ from .launch import run_workers
 
 LAYOUTS = {2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2), (1, 2), (2, 1)]}  # processes: [(tp, pp)], dp = the rest
 GREEDY = Sampling(max_new_tokens=6, temperature=0.0)
+SAMPLED = Sampling(max_new_tokens=6, temperature=1.0, top_k=0, seed=3)  # over the whole vocabulary
 
 
 def _specs(files):
@@ -30,6 +33,8 @@ def _run(path, files, env, tp, pp):
     prompt = chat_prompt(loaded.tokenizer, "def open", "import")
     reply = generate_parallel(loaded.pm, loaded.grid, prompt, 1, GREEDY, loaded.device, loaded.tokenizer.eos_id)
     assert len(reply[0]) > len(prompt)  # something was generated
+    reply += generate_parallel(loaded.pm, loaded.grid, prompt, 2, SAMPLED, loaded.device)
+    assert max(max(r) for r in reply) < loaded.cfg.model.vocab_size == 385  # never a padding id
     return [r.metrics for r in results], [r.details for r in results], reply
 
 
@@ -49,7 +54,7 @@ def _worker(rank, world, path, files, expected):
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_eval_and_chat_in_parallel_layouts_equal_one_process(tmp_path, world):
-    path = make_tiny_hf(tmp_path / "llama", "llama")
+    path = make_tiny_hf(tmp_path / "llama", "llama", extra_rows=1)  # 385 rows: odd
     files = write_task_files(tmp_path / "data", n_choice=12)
     expected = _run(path, files, LaunchEnv(), 1, 1)
     run_workers(_worker, world, path, files, expected, timeout=240)

@@ -7,7 +7,7 @@ import pytest
 from megaloom.cli import build_parser, main
 from megaloom.observe.metrics import read_metrics
 
-VERBS = [["train"], ["data", "prepare"], ["generate"], ["plot"], ["info"], ["convert"], ["eval"]]
+VERBS = [["train"], ["data", "prepare"], ["generate"], ["plot"], ["info"], ["convert"], ["eval"], ["quantize"], ["prune"]]
 
 
 def corpus_args(corpus) -> list[str]:

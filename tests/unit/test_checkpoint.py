@@ -31,16 +31,19 @@ def _train(corpus, run, *sets: str) -> int:
 # ------------------------------------------------------------------------------------------- pieces
 
 
-@pytest.mark.parametrize("blocks,dim", [((12,), 0), ((8, 4, 4), 0), ((6,), 1), ((4, 8), 0)])
-def test_tensor_parallel_pieces_place_every_element(blocks, dim):
-    """Each rank's pieces, put at their offsets, rebuild the full tensor exactly once."""
-    size = 2
+@pytest.mark.parametrize("blocks,dim,size", [((12,), 0, 2), ((8, 4, 4), 0, 2), ((6,), 1, 2), ((4, 8), 0, 2),
+                                             ((11,), 0, 2), ((11,), 0, 3), ((7,), 1, 4)])
+def test_tensor_parallel_pieces_place_every_element(blocks, dim, size):
+    """Each rank's pieces, put at their offsets, rebuild the full tensor exactly once; where `size` does
+    not divide a block (a vocabulary), the last shard's zero padding is in no piece."""
     shape = (sum(blocks), 6) if dim == 0 else (5, sum(blocks))
     full = torch.arange(shape[0] * shape[1], dtype=torch.float32).view(shape)
     rebuilt, covered = torch.zeros(shape), torch.zeros(shape)
     for rank in range(size):
         spec = ShardSpec(shape, dim, blocks, rank, size)
         shard = spec.take(full)
+        assert tuple(shard.shape) == spec.local_shape and torch.equal(spec.assemble([s.take(full) for s in (
+            ShardSpec(shape, dim, blocks, r, size) for r in range(size))]), full)
         for piece in spec_pieces(shard, (0, 0), spec):
             idx = tuple(slice(o, o + n) for o, n in zip(piece.offsets, piece.view.shape))
             rebuilt[idx] = piece.view

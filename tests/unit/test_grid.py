@@ -222,10 +222,14 @@ def test_kv_heads_not_divisible():
     assert _error(4, 1, 1, 4, model) == "model.kv_heads (2) must be divisible by parallel.tp (4); valid tp values: 1, 2"
 
 
-def test_vocab_not_divisible_suggests_padding():
-    model = ModelConfig(vocab_size=50257)
-    assert _error(2, 1, 1, 2, model) == ("model.vocab_size (50257) must be divisible by parallel.tp (2); "
-                                         "pad it to 50258 (next multiple of tp, or 50304 for a multiple of 64·tp)")
+def test_any_vocabulary_splits_over_any_tp():
+    """GPT-2's 50,257 rows split as ceil(V/t) per rank, the last shard padded (megaloom/parallel/shard.py)."""
+    for tp in (2, 4):
+        validate_sizes(tp, 1, 1, tp, ModelConfig(vocab_size=50257))
+    # only a vocabulary so small that the last rank would hold padding alone is refused
+    assert _error(4, 1, 1, 4, ModelConfig(vocab_size=6)) == (
+        "parallel.tp (4) splits model.vocab_size (6) into 2 rows per rank, which leaves the last rank no real row; "
+        "try parallel.tp=3 or a larger model.vocab_size")
 
 
 def test_ffn_not_divisible_names_the_effective_width():

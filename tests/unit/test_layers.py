@@ -26,14 +26,25 @@ ALLOWED = {
     "megaloom.parallel": BOTTOM | {"megaloom.config"},
     "megaloom.model": BOTTOM | {"megaloom.config", "megaloom.parallel"},
     "megaloom.data": BOTTOM | {"megaloom.config"},
+    # a PEFT run's checkpoint is loaded for inference with its adapter modules built first (megaloom.tune)
     "megaloom.interop": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
-                                  "megaloom.train"},
-    # evaluation and chat load models through interop and run them with the training stack
+                                  "megaloom.train", "megaloom.tune"},
+    # parameter-efficient methods put their modules on the model and are passed down to the training loop;
+    # they read the pretrained base and write adapters through interop, its peer (each imports the other
+    # only inside functions, so either imports on its own)
+    "megaloom.tune": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
+                               "megaloom.train", "megaloom.interop"},
+    # evaluation and chat load models through interop (and quantized checkpoints through compress) and run
+    # them with the training stack
     "megaloom.eval": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
-                               "megaloom.train", "megaloom.observe", "megaloom.interop"},
-    # alignment (reward model, DPO, PPO, GRPO) sits on the training stack, like tune and eval
+                               "megaloom.train", "megaloom.observe", "megaloom.interop", "megaloom.compress"},
+    # compression loads MODEL through interop and compresses it with the training stack's models
+    "megaloom.compress": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
+                                   "megaloom.train", "megaloom.interop"},
+    # alignment (reward model, DPO, PPO, GRPO) sits on the training stack, like tune and eval; its rollouts
+    # sample with the generation of `megaloom generate` (eval.generate)
     "megaloom.align": BOTTOM | {"megaloom.config", "megaloom.parallel", "megaloom.model", "megaloom.data",
-                                "megaloom.train", "megaloom.observe"},
+                                "megaloom.train", "megaloom.observe", "megaloom.eval"},
 }
 
 

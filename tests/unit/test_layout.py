@@ -1,6 +1,8 @@
 """One validator: config loading, `megaloom simulate` and `megaloom plan` accept and refuse the same
 layouts (megaloom/layout.py), each naming the setting as its user spells it."""
 
+from dataclasses import replace
+
 import pytest
 
 from megaloom.config import ConfigError, ModelConfig, load_config
@@ -52,6 +54,27 @@ def test_config_and_planner_agree(settings, message):
     with pytest.raises(ConfigError) as e2:
         check_job(cfg_ok.model, p["tp"] * p["pp"] * p["dp"], cfg_ok.train.global_batch, lay)
     assert "--" in str(e2.value)  # the planner names its flags
+
+
+def test_a_vocabulary_tp_does_not_divide_is_padded_not_refused():
+    """Config and planner take V = 61 at t = 2 and 4 (ceil(V/t) rows a rank, the last padded) and count the
+    padded rows in the memory; both refuse a t that would leave the last rank padding alone."""
+    from megaloom.perf.cluster import load_cluster
+    from megaloom.perf.costs import Job, StageCosts
+
+    for tp in (2, 4):
+        cfg = load_config(None, BASE + ["model.vocab_size=61", "data.vocab_size=61", f"parallel.tp={tp}"])
+        _plan(cfg)
+        rows = StageCosts(Job(cfg.model, load_cluster("dgx-a100"), tp, 8, Layout(tp=tp, microbatch=1)))
+        even = replace(cfg.model, vocab_size=64 if tp == 4 else 62)  # the padded vocabulary
+        rows_even = StageCosts(Job(even, load_cluster("dgx-a100"), tp, 8, Layout(tp=tp, microbatch=1)))
+        assert rows.rank_parameters(0) == rows_even.rank_parameters(0)
+    small = BASE + ["model.vocab_size=6", "data.vocab_size=6", "parallel.tp=4"]
+    with pytest.raises(ConfigError, match=r"parallel.tp \(4\) splits model.vocab_size \(6\) into 2 rows per rank"):
+        load_config(None, small)
+    cfg_ok = load_config(None, BASE)
+    with pytest.raises(ConfigError, match=r"--tp \(4\) splits --vocab \(6\)"):
+        check_job(replace(cfg_ok.model, vocab_size=6), 4, 8, Layout(tp=4, microbatch=1))
 
 
 def test_uneven_stages_change_the_simulated_memory():

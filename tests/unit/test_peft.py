@@ -1,0 +1,210 @@
+"""LoRA, DoRA and QLoRA (docs/finetune.md) against PEFT + transformers and torchao, in one process:
+the loss, adapter gradients and five AdamW steps equal PEFT's at (t, p) = (1, 1) (the parallel layouts:
+tests/distributed/test_peft_parallel.py); a LoRA run's checkpoint holds the adapters only, resumes
+exactly and refuses another base; its export loads in PEFT with equal logits, a PEFT-saved adapter
+loads through peft.init with equal logits, merged equals unmerged; an NF4 base computes with torchao's
+dequantised weight; bad [peft] settings stop with one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megaloom.cli import main
+from megaloom.config import load_config
+from megaloom.errors import ConfigError
+from megaloom.interop import load_model
+from megaloom.train.checkpoint import latest_checkpoint, saved_keys
+from tests.peft_refs import TOKENS, compare, megaloom_run, peft_model, reference, sets
+from tests.tiny_pretrained import make
+
+QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft_tiny")
+    return {kind: make(kind, root / kind, layers=2) for kind in ("llama-gqa", "gpt2")}
+
+
+@pytest.mark.parametrize("kind,family,method", [
+    ("llama-gqa", "llama", "lora"), pytest.param("llama-gqa", "llama", "dora", marks=pytest.mark.slow),
+    pytest.param("gpt2", "gpt2", "lora", marks=pytest.mark.slow),
+    pytest.param("gpt2", "gpt2", "dora", marks=pytest.mark.slow)])
+def test_one_process_equals_peft(tiny, kind, family, method):
+    overrides = sets(tiny[kind], method, family)
+    ref = reference(tiny[kind], load_config(None, overrides))
+    d = compare(megaloom_run(tiny[kind], overrides, ref["state"]), ref, f"{kind} {method}")
+    print(f"peft parity {kind} {method} (t, p) = (1, 1): loss {d[0]:.1e}, gradients {d[1]:.1e}, "
+          f"5 AdamW steps {d[2]:.1e}")  # docs/finetune.md, with -s
+
+
+def _train(run, directory, *extra, steps=2):
+    args = [f"model.pretrained='{directory}'", "model.seq_len=32", f"train.steps={steps}", "train.global_batch=2",
+            "train.micro_batch=2", "train.lr=0.01", "train.warmup=0", "train.eval_batches=1", "train.samples=0",
+            "data.max_bytes=60000", "data.val_fraction=0.3", f"data.dir='{run.parent / 'corpus'}'", "log.every=1",
+            "peft.method='lora'", "peft.rank=4", "peft.targets=['q_proj','v_proj','o_proj','up_proj','down_proj']",
+            *QUIET, *extra]
+    assert main(["train", "--run-dir", str(run), *[a for s in args for a in ("--set", s)]]) == 0
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_run_checkpoint_resume_export_merge(tiny, tmp_path, capsys):
+    """One LoRA run from a pretrained tiny Llama, end to end."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny["llama-gqa"]
+    run = tmp_path / "run"
+    _train(run, base, "checkpoint.every=2", steps=4)
+    keys = saved_keys(latest_checkpoint(run))
+    model_keys = [k for k in keys if k.startswith("model/")]
+    assert model_keys and all(".lora." in k for k in model_keys), model_keys  # the base is not duplicated
+    assert "peft_base" in keys
+    # resume: a copy stopped after step 2 continues to the same losses
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    _train(resumed, base, "checkpoint.every=2", steps=4)
+    assert _losses(resumed) == pytest.approx(_losses(run), abs=1e-6)
+    # generate on the run directory: the base from model.pretrained with the checkpoint's adapters
+    assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    # the adapters through PEFT: equal logits
+    ours, _, _ = load_model(run)
+    with torch.no_grad():
+        logits = ours(TOKENS[:, :32])
+    out = tmp_path / "adapter"
+    assert main(["convert", str(run), str(out), "--to", "peft"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(hf, out).eval()
+    with torch.no_grad():
+        diff = (theirs(input_ids=TOKENS[:, :32]).logits - logits).abs().max().item()
+    assert diff <= 1e-5, f"exported adapter in PEFT: max |logit difference| = {diff}"
+    with capsys.disabled():
+        print(f"peft export: PEFT's logits of the exported adapter, max |difference| {diff:.1e}")
+    # merged equals unmerged
+    merged = tmp_path / "merged"
+    assert main(["convert", str(run), str(merged), "--to", "hf", "--merge"]) == 0
+    with torch.no_grad():
+        diff = (AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(TOKENS[:, :32]).logits
+                - logits).abs().max().item()
+    assert diff <= 1e-5, f"merged model: max |logit difference| = {diff}"
+    with capsys.disabled():
+        print(f"peft merge: the merged model in transformers vs megaloom's unmerged, max |difference| {diff:.1e}")
+    # the same adapters on another base (the same sizes, other weights): one line
+    other = make("llama-gqa", tmp_path / "other", layers=2, seed=1)
+    capsys.readouterr()
+    with pytest.raises(AssertionError):
+        _train(resumed, other, "checkpoint.every=2", f"data.dir='{tmp_path / 'corpus-other'}'", steps=6)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another base model: hash is" in err[0], err
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_saved_adapter_loads_through_peft_init(tiny, tmp_path, method):
+    base = tiny["llama-gqa"]
+    cfg = load_config(None, sets(base, method, "llama"))
+    theirs = peft_model(base, cfg).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours, _, _ = load_model(base)
+    from megaloom.tune.peft import PeftHook
+
+    hook = PeftHook(load_config(None, [f"model.pretrained='{base}'", f"peft.init='{tmp_path / 'adapter'}'"]))
+    assert hook.cfg.peft.method == method and hook.cfg.peft.rank == 4  # adapter_config.json sets them
+    hook(ours, None)
+    hook.loaded(ours, fresh=True)
+    with torch.no_grad():
+        diff = (ours.eval()(TOKENS[:, :32]) - theirs(input_ids=TOKENS[:, :32]).logits).abs().max().item()
+    assert diff <= 1e-5, f"{method} adapter saved by PEFT, loaded by peft.init: max |logit difference| = {diff}"
+    print(f"peft init: {method} adapter saved by PEFT, max |logit difference| {diff:.1e}")
+
+
+@pytest.mark.parametrize("kind,family,method", [
+    pytest.param("llama-gqa", "llama", "lora", marks=pytest.mark.slow),  # (also in the run test above)
+    pytest.param("llama-gqa", "llama", "dora", marks=pytest.mark.slow),
+    pytest.param("gpt2", "gpt2", "lora", marks=pytest.mark.slow), ("gpt2", "gpt2", "dora")])
+def test_merged_equals_unmerged(tiny, kind, family, method):
+    """`merge` folds the adapters into the fused weights (PEFT's merge formulas) with nonzero B and DoRA
+    magnitudes: the logits stay."""
+    from peft import get_peft_model_state_dict
+
+    from megaloom.tune.lora import merge
+    from megaloom.tune.peft import PeftHook, from_peft, peft_names, place
+
+    cfg = load_config(None, sets(tiny[kind], method, family))
+    state = get_peft_model_state_dict(peft_model(tiny[kind], cfg))
+    model, _, _ = load_model(tiny[kind])
+    hook = PeftHook(cfg)
+    hook(model, None)
+    hook.loaded(model, fresh=True)
+    params = dict(model.named_parameters())
+    for name, (key, _) in peft_names(model, cfg).items():
+        place(params[name], from_peft(cfg, name, state[key]))
+    with torch.no_grad():
+        before = model(TOKENS[:, :32])
+        merge(model)
+        assert not any(".lora." in n for n, _ in model.named_parameters())
+        diff = (model(TOKENS[:, :32]) - before).abs().max().item()
+    assert diff <= 1e-5, f"{kind} {method}: merged vs unmerged max |logit difference| = {diff}"
+    print(f"peft merge {kind} {method}: max |logit difference| {diff:.1e}")
+
+
+def test_nf4_base_computes_with_torchaos_dequantised_weight(tiny):
+    from torchao.quantization import to_nf4
+
+    from megaloom.tune.peft import PeftHook
+    from megaloom.tune.qlora import BLOCK, scaler_block
+
+    base = tiny["llama-gqa"]
+    model, _, _ = load_model(base)
+    w = model.layers["0"].attn.qkv.weight.detach().clone()
+    hook = PeftHook(load_config(None, [f"model.pretrained='{base}'", "peft.method='lora'",
+                                       "peft.quantize_base='nf4'"]))
+    hook(model, None)
+    hook.loaded(model, fresh=True)
+    qkv = model.layers["0"].attn.qkv
+    assert hasattr(qkv.weight, "get_original_weight")
+    x = torch.randn(2, 5, w.shape[1])
+    want = torch.nn.functional.linear(x, to_nf4(w, BLOCK, scaler_block(w.numel() // BLOCK)).get_original_weight())
+    torch.testing.assert_close(qkv(x), want, rtol=0, atol=1e-6)
+    assert torch.isfinite(model(TOKENS[:, :32], TOKENS[:, 1:33])).all()
+
+
+@pytest.mark.parametrize("sets_, words", [
+    (["peft.method='lora'", "peft.targets=['c_attn']"], "a llama model does not have"),
+    (["peft.method='lora'", "peft.rank=0"], "peft.rank = 0"),
+    (["peft.quantize_base='nf4'"], "needs a peft.method"),
+    (["peft.method='ia3'", "peft.quantize_base='nf4'"], "needs peft.method lora or dora"),
+    (["peft.method='dora'", "parallel.zero=2", "parallel.dp=2", "train.global_batch=2"], "parallel.zero = 2"),
+    (["peft.method='lora'", "peft.dropout=0.1", "train.recompute='full'"], "train.recompute"),
+])
+def test_bad_peft_settings_are_one_line(sets_, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        load_config(None, ["model.family='llama'", *sets_])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_qlora_equals_peft_on_the_nf4_dequantised_base(tiny):
+    """QLoRA is LoRA on the base torchao's NF4 round trip gives: PEFT on transformers with those weights
+    (megaloom's NF4 base dequantised, split into Hugging Face tensors) has the same loss, adapter
+    gradients and five AdamW steps."""
+    from megaloom.interop.export import hf_state
+
+    base = tiny["llama-gqa"]
+    overrides = [*sets(base, "lora", "llama"), "peft.quantize_base='nf4'"]
+    cfg = load_config(None, overrides)
+    first = reference(base, cfg)
+    ours = megaloom_run(base, overrides, first["state"])
+    model = ours[2].model
+    assert hasattr(model.layers["0"].mlp.down.weight, "get_original_weight")
+    dense = {n: (p.get_original_weight() if hasattr(p, "get_original_weight") else p).detach()
+             for n, p in model.named_parameters() if ".lora." not in n}
+    ref = reference(base, cfg, base=hf_state(cfg.model, dense))
+    assert all(torch.equal(ref["state"][k], v) for k, v in first["state"].items())
+    d = compare(ours, ref, "qlora")
+    print(f"peft parity qlora llama-gqa: loss {d[0]:.1e}, gradients {d[1]:.1e}, 5 AdamW steps {d[2]:.1e}")
