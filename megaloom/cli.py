@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   ".safetensors file")
     p.add_argument("--to", choices=["hf", "peft"], help="hf: write a Hugging Face model directory (config.json, "
                    "safetensors, tokenizer, generation_config.json); peft: a PEFT run's adapters as a PEFT adapter "
-                   "directory (adapter_model.safetensors, adapter_config.json; docs/finetune.md)")
+                   "directory (adapter_model.safetensors, adapter_config.json; docs/finetuning.md)")
     p.add_argument("--merge", action="store_true", help="--to hf of a PEFT run: the base with the adapters merged in")
     p.add_argument("--max-shard-gb", type=float, default=2.0, metavar="GB",
                    help="--to hf: split the safetensors into shards of at most this many GB (default 2)")

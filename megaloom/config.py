@@ -113,7 +113,7 @@ class TrainConfig:
     steps: int = _f(200, "optimizer steps")
     objective: Literal["lm", "sft", "dpo", "reward", "grpo", "ppo", "distill"] = _f(
         "lm", "lm: next-token prediction on every token of data.sources (pretraining); sft: supervised fine-tuning "
-              "on conversations (JSONL or Parquet), the loss on the assistant's tokens only (docs/finetune.md); "
+              "on conversations (JSONL or Parquet), the loss on the assistant's tokens only (docs/finetuning.md); "
               "dpo: direct preference optimisation on {prompt, chosen, rejected} pairs, [dpo]; reward: a reward model "
               "(a scalar head) on the same pairs, [reward]; grpo: group relative policy optimisation on prompts with a "
               "verifiable reward, [rl]; ppo: PPO with a value head, a KL penalty and a reward function or reward model, "
@@ -153,7 +153,7 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning (docs/finetune.md): the base model frozen, only the method's own
+    """Parameter-efficient fine-tuning (docs/finetuning.md): the base model frozen, only the method's own
     parameters trained, saved and exported (as PEFT adapters)."""
 
     method: Literal["none", "lora", "dora", "adapter", "prefix", "prompt", "ia3"] = _f(

@@ -135,7 +135,7 @@ class Objective:
 
 class SFTObjective(Objective):
     """Supervised fine-tuning: conversations, padded or packed, the loss on the assistant's tokens (targets
-    of -100 elsewhere); packed rows carry document ids (docs/finetune.md)."""
+    of -100 elsewhere); packed rows carry document ids (docs/finetuning.md)."""
 
     name = "sft"
 

@@ -1,5 +1,5 @@
 """Parameter-efficient fine-tuning: the base model frozen, only a method's own parameters trained,
-checkpointed and exported as PEFT adapters (docs/finetune.md).
+checkpointed and exported as PEFT adapters (docs/finetuning.md).
 
 The contract every method module follows (lora.py/dora.py here; ia3.py, prompt.py, adapter.py):
 

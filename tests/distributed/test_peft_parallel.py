@@ -31,7 +31,7 @@ def _worker(rank, world, dirs, refs, cases, layouts):
                 grid, _ = start(load_config(None, overrides), LaunchEnv(rank, world))
             ours = megaloom_run(dirs[kind], overrides, refs[kind, method]["state"], grid=grid)
             d = compare(ours, refs[kind, method], f"{kind} {method} {layout}")
-            if rank == world - 1:  # one line per case (docs/finetune.md, with -s)
+            if rank == world - 1:  # one line per case (docs/finetuning.md, with -s)
                 print(f"peft parity {kind} {method} {layout}: loss {d[0]:.1e}, gradients {d[1]:.1e}, "
                       f"5 AdamW steps {d[2]:.1e}")
 

@@ -91,7 +91,7 @@ def _check(case, method, grid, got, expected):
         diff = (g - want).abs().max().item()
         assert diff <= 1e-5 * max(1.0, want.abs().max().item()), (case, name, diff)
         worst = max(worst, diff / want.abs().max().item())
-    if grid.rank == 0:  # one line per case (docs/finetune.md, with -s)
+    if grid.rank == 0:  # one line per case (docs/finetuning.md, with -s)
         against = "one process" if method == "adapter" else "PEFT"
         print(f"parity {case}: |loss - {against}| = {abs(loss - ref_loss):.1e}, "
               f"max |gradient difference| / max |gradient| = {worst:.1e}")

@@ -1,4 +1,4 @@
-"""LoRA, DoRA and QLoRA (docs/finetune.md) against PEFT + transformers and torchao, in one process:
+"""LoRA, DoRA and QLoRA (docs/finetuning.md) against PEFT + transformers and torchao, in one process:
 the loss, adapter gradients and five AdamW steps equal PEFT's at (t, p) = (1, 1) (the parallel layouts:
 tests/distributed/test_peft_parallel.py); a LoRA run's checkpoint holds the adapters only, resumes
 exactly and refuses another base; its export loads in PEFT with equal logits, a PEFT-saved adapter
@@ -37,7 +37,7 @@ def test_one_process_equals_peft(tiny, kind, family, method):
     ref = reference(tiny[kind], load_config(None, overrides))
     d = compare(megaloom_run(tiny[kind], overrides, ref["state"]), ref, f"{kind} {method}")
     print(f"peft parity {kind} {method} (t, p) = (1, 1): loss {d[0]:.1e}, gradients {d[1]:.1e}, "
-          f"5 AdamW steps {d[2]:.1e}")  # docs/finetune.md, with -s
+          f"5 AdamW steps {d[2]:.1e}")  # docs/finetuning.md, with -s
 
 
 def _train(run, directory, *extra, steps=2):
