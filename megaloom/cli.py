@@ -80,50 +80,55 @@ def cmd_train(args: argparse.Namespace) -> int:
         dist.barrier()
     corpus = ensure_corpus_for(cfg, cache_root(), progress=say)
     try:
-        weights = None
-        if cfg.model.pretrained:  # opened and checked against the model before any model is built
-            from megaloom.interop import PretrainedWeights
-
-            weights = PretrainedWeights(cfg.model)
-        adapt = None
-        if cfg.peft.method != "none":  # parameter-efficient fine-tuning: adapters on a frozen base
-            from megaloom.tune.peft import PeftHook
-
-            adapt = PeftHook(cfg)
-        objective = None
-        if cfg.train.objective == "dpo":  # alignment objectives sit above the training loop
-            from megaloom.align.dpo import DPOObjective
-
-            objective = DPOObjective(cfg)
-        elif cfg.train.objective == "reward":
-            from megaloom.align.reward import RewardObjective
-
-            objective = RewardObjective(cfg)
-        elif cfg.train.objective == "distill":  # compression sits above the training loop too
-            from megaloom.compress.distill import TeacherLayers, distill_objective
-
-            objective = distill_objective(cfg)
-            if cfg.distill.init_from_teacher_layers:
-                weights = TeacherLayers(cfg, objective.teacher_spec)
-        elif cfg.train.objective == "grpo":
-            from megaloom.align.grpo import GRPOObjective
-
-            objective = GRPOObjective(cfg)
-        elif cfg.train.objective == "ppo":
-            from megaloom.align.ppo import PPOObjective
-
-            objective = PPOObjective(cfg)
-        step_hooks = []
-        if cfg.train.keep_sparsity:  # pruned weights stay zero (compression sits above the training loop)
-            from megaloom.compress.sparsity import KeepSparsity
-
-            step_hooks.append(KeepSparsity())
-        Trainer(cfg, run_dir, corpus, console, grid, device, weights=weights, evals=evals, adapt=adapt,
-                objective=objective, step_hooks=step_hooks).run()
+        Trainer(cfg, run_dir, corpus, console, grid, device, evals=evals, **training_parts(cfg)).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def training_parts(cfg: Config) -> dict:
+    """What `megaloom train` hands the Trainer besides the config, from the layers above it: the pretrained
+    weights, the PEFT hook, the objective (alignment, distillation) and the step hooks (keep_sparsity)."""
+    weights = None
+    if cfg.model.pretrained:  # opened and checked against the model before any model is built
+        from megaloom.interop import PretrainedWeights
+
+        weights = PretrainedWeights(cfg.model)
+    adapt = None
+    if cfg.peft.method != "none":  # parameter-efficient fine-tuning: adapters on a frozen base
+        from megaloom.tune.peft import PeftHook
+
+        adapt = PeftHook(cfg)
+    objective = None
+    if cfg.train.objective == "dpo":  # alignment objectives sit above the training loop
+        from megaloom.align.dpo import DPOObjective
+
+        objective = DPOObjective(cfg)
+    elif cfg.train.objective == "reward":
+        from megaloom.align.reward import RewardObjective
+
+        objective = RewardObjective(cfg)
+    elif cfg.train.objective == "distill":  # compression sits above the training loop too
+        from megaloom.compress.distill import TeacherLayers, distill_objective
+
+        objective = distill_objective(cfg)
+        if cfg.distill.init_from_teacher_layers:
+            weights = TeacherLayers(cfg, objective.teacher_spec)
+    elif cfg.train.objective == "grpo":
+        from megaloom.align.grpo import GRPOObjective
+
+        objective = GRPOObjective(cfg)
+    elif cfg.train.objective == "ppo":
+        from megaloom.align.ppo import PPOObjective
+
+        objective = PPOObjective(cfg)
+    step_hooks = []
+    if cfg.train.keep_sparsity:  # pruned weights stay zero (compression sits above the training loop)
+        from megaloom.compress.sparsity import KeepSparsity
+
+        step_hooks.append(KeepSparsity())
+    return {"weights": weights, "adapt": adapt, "objective": objective, "step_hooks": step_hooks}
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:

@@ -101,9 +101,7 @@ def megaloom_run(directory, overrides: list[str], state: dict, rank: int = 0, wo
     from megaloom.interop import PretrainedWeights
     from megaloom.parallel.launch import LaunchEnv, start
     from megaloom.train.assemble import setup_training
-    from megaloom.train.optim import set_lr
     from megaloom.train.sharded_state import model_entries
-    from megaloom.train.step import train_step
     from megaloom.tune.peft import PeftHook, chunks_of, from_peft, peft_names, place
 
     cfg = load_config(None, overrides)
@@ -117,12 +115,31 @@ def megaloom_run(directory, overrides: list[str], state: dict, rank: int = 0, wo
     params = {n: q for c in chunks_of(parts.model) for n, q in c.named_parameters()}
     for name, (key, _) in names.items():
         place(params[name], from_peft(cfg, name, state[key]))
+    grads = {}
+
+    def first(step: int) -> None:
+        if step == 0 and cfg.parallel.zero != 1:  # ZeRO-1 keeps the averaged gradient only in a rank's own ranges
+            grads.update({key: full_grad(params[name], spec, grid) for name, (key, spec) in names.items()})
+
+    losses = adamw_steps(parts, cfg, grid, TOKENS, STEPS, after=first)
+    return losses, grads, parts, cfg
+
+
+def adamw_steps(parts, cfg, grid, tokens, steps, after=None):  # noqa: ANN001, ANN201
+    """`steps` optimizer steps of the trainer's own step function on this data-parallel rank's slice of
+    `tokens` (rows of seq_len + 1), the same batch every step; each step's loss over the whole grid.
+    `after(step)` runs after each step (before the next zeroes the gradients)."""
+    import torch.distributed as dist
+
+    from megaloom.train.optim import lr_at, set_lr
+    from megaloom.train.step import train_step
+
     t = cfg.train
     per_rank = t.global_batch // grid.dp
-    batch = TOKENS[grid.dp_rank * per_rank:(grid.dp_rank + 1) * per_rank]
-    micro = [(x, y) for x, y in zip(batch[:, :-1].split(t.micro_batch), batch[:, 1:].split(t.micro_batch))]
-    losses, grads = [], {}
-    for step in range(STEPS):
+    batch = tokens[grid.dp_rank * per_rank:(grid.dp_rank + 1) * per_rank]
+    micro = list(zip(batch[:, :-1].split(t.micro_batch), batch[:, 1:].split(t.micro_batch)))
+    losses = []
+    for step in range(steps):
         set_lr(parts.optimizer, lr_at(step, t))
         result = train_step(parts.model, parts.optimizer, micro, sync=parts.sync, pipeline=parts.runner,
                             grad_clip=t.grad_clip)
@@ -133,9 +150,9 @@ def megaloom_run(directory, overrides: list[str], state: dict, rank: int = 0, wo
             dist.all_reduce(loss, group=grid.dp_group)
             loss /= grid.dp
         losses.append(loss.item())
-        if step == 0 and cfg.parallel.zero != 1:  # ZeRO-1 keeps the averaged gradient only in a rank's own ranges
-            grads = {key: full_grad(params[name], spec, grid) for name, (key, spec) in names.items()}
-    return losses, grads, parts, cfg
+        if after is not None:
+            after(step)
+    return losses
 
 
 def full_grad(param, spec, grid) -> torch.Tensor:

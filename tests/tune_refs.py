@@ -167,15 +167,12 @@ def megaloom_steps(directory, method_module, overrides: list[str], values: dict,
                    rank: int = 0, world: int = 1) -> list[float]:
     """The trainer's parts (setup_training with the PEFT hook) in the layout of `overrides`, PEFT's
     adapter values loaded, five train steps on (tokens[:, :-1], tokens[:, 1:]): the losses, on every rank."""
-    import torch.distributed as dist
 
     from megaloom.config import load_config
     from megaloom.interop import PretrainedWeights
     from megaloom.parallel.launch import LaunchEnv, start
     from megaloom.train.assemble import setup_training
-    from megaloom.train.optim import lr_at, set_lr
     from megaloom.train.sharded_state import model_entries
-    from megaloom.train.step import train_step
     from megaloom.tune.peft import PeftHook
 
     cfg = load_config(None, overrides)
@@ -185,20 +182,6 @@ def megaloom_steps(directory, method_module, overrides: list[str], values: dict,
     PretrainedWeights(cfg.model)(model_entries(parts.model, lambda q: not q.requires_grad))
     hook.loaded(parts.model, fresh=True)
     load_into(parts.model, method_module, values, cfg)
-    t = cfg.train
-    per_rank = t.global_batch // grid.dp
-    batch = tokens[grid.dp_rank * per_rank:(grid.dp_rank + 1) * per_rank]
-    micro = list(zip(batch[:, :-1].split(t.micro_batch), batch[:, 1:].split(t.micro_batch)))
-    losses = []
-    for step in range(STEPS):
-        set_lr(parts.optimizer, lr_at(step, t))
-        result = train_step(parts.model, parts.optimizer, micro, sync=parts.sync, pipeline=parts.runner,
-                            grad_clip=t.grad_clip)
-        loss = result.loss.detach().clone()
-        if grid.pp > 1:
-            dist.all_reduce(loss, group=grid.pp_group)
-        if grid.dp > 1:
-            dist.all_reduce(loss, group=grid.dp_group)
-            loss /= grid.dp
-        losses.append(loss.item())
-    return losses
+    from tests.peft_refs import adamw_steps
+
+    return adamw_steps(parts, cfg, grid, tokens, STEPS)

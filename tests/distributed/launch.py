@@ -53,3 +53,29 @@ def _terminate(processes: list[Any]) -> None:
             p.terminate()
     for p in processes:
         p.join(5)
+
+
+def train_config(sets: list[str], run_dir: Any, rank: int = 0, world: int = 1,
+                 config: str = "configs/debug.toml") -> None:
+    """Train `config` with the `--set` overrides `sets` as `megaloom train` does, as rank `rank` of `world`
+    (inside `run_workers`, or alone): rank 0 prepares the corpus, the others then find it ready, and the
+    Trainer gets what the command line would give it (`megaloom.cli.training_parts`: pretrained weights,
+    the PEFT hook, the objective of a higher layer, step hooks)."""
+    from pathlib import Path
+
+    from megaloom.cli import training_parts
+    from megaloom.config import load_config
+    from megaloom.data.corpus import ensure_corpus_for
+    from megaloom.observe.progress import Console
+    from megaloom.parallel.launch import LaunchEnv, start
+    from megaloom.train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    cfg = load_config(config, sets)
+    grid, device = start(cfg, LaunchEnv(rank, world))
+    if rank == 0:
+        ensure_corpus_for(cfg, run_dir.parent / "cache")
+    if world > 1:
+        dist.barrier()
+    corpus = ensure_corpus_for(cfg, run_dir.parent / "cache")
+    Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, **training_parts(cfg)).run()

@@ -12,15 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megaloom.config import load_config
-from megaloom.data.corpus import ensure_corpus_for
 from megaloom.observe.metrics import read_metrics
-from megaloom.observe.progress import Console
-from megaloom.parallel.launch import LaunchEnv, start
-from megaloom.train.trainer import Trainer
 from tests.tiny_pretrained import make
 
-from .launch import run_workers
+from .launch import run_workers, train_config
 
 CASES = [("forward_kl", 0.5, 1.0, 0.0), ("reverse_kl", 0.5, 2.0, 0.0), ("jsd", 0.3, 0.7, 0.4)]
 
@@ -70,18 +65,7 @@ def _sets(tmp, *extra):
 
 
 def _train(sets, run_dir, rank=0, world=1):
-    from megaloom.compress.distill import TeacherLayers, distill_objective
-
-    cfg = load_config("configs/debug.toml", sets)
-    grid, device = start(cfg, LaunchEnv(rank, world))
-    if rank == 0:
-        ensure_corpus_for(cfg, run_dir.parent / "cache")
-    if world > 1:
-        dist.barrier()
-    corpus = ensure_corpus_for(cfg, run_dir.parent / "cache")
-    objective = distill_objective(cfg)
-    Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, objective=objective,
-            weights=TeacherLayers(cfg, objective.teacher_spec)).run()
+    train_config(sets, run_dir, rank, world)
 
 
 def _worker(rank, world, tmp, runs):

@@ -9,16 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from megaloom.config import load_config
 from megaloom.data.corpus import ensure_corpus_for
 from megaloom.observe.metrics import read_metrics
-from megaloom.observe.progress import Console
-from megaloom.parallel.launch import LaunchEnv, start
-from megaloom.train.trainer import Trainer
 
-from .launch import run_workers
+from .launch import run_workers, train_config
 
 
 def write_pairs(path, n, seed=0):
@@ -46,18 +42,7 @@ def _sets(tmp, *extra):
 
 
 def _train(sets, run_dir, rank=0, world=1):
-    from megaloom.align.dpo import DPOObjective
-    from megaloom.align.reward import RewardObjective
-
-    cfg = load_config("configs/debug.toml", sets)
-    grid, device = start(cfg, LaunchEnv(rank, world))
-    if rank == 0:
-        ensure_corpus_for(cfg, run_dir.parent / "cache")
-    if world > 1:
-        dist.barrier()
-    corpus = ensure_corpus_for(cfg, run_dir.parent / "cache")
-    objective = (DPOObjective if cfg.train.objective == "dpo" else RewardObjective)(cfg)
-    Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, objective=objective).run()
+    train_config(sets, run_dir, rank, world)
 
 
 def _worker(rank, world, runs):
@@ -68,7 +53,10 @@ def _worker(rank, world, runs):
 def _same(a_rows, b_rows, tol, name):
     assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows] == [1, 2, 3], name
     for a, b in zip(a_rows, b_rows):
-        for key in ("loss", "grad_norm", "rewards/margin", "rewards/accuracy", "rewards/chosen"):
+        # at step 1 the policy is the reference: its rewards are rounding noise around 0, and which of a pair's
+        # two is larger (the accuracy) is decided by that noise
+        keys = ("loss", "grad_norm", "rewards/margin", "rewards/chosen") + (("rewards/accuracy",) if a["step"] > 1 else ())
+        for key in keys:
             assert b[key] == pytest.approx(a[key], rel=tol, abs=tol), (name, key, a["step"])
     assert b_rows[-1]["val_loss"] == pytest.approx(a_rows[-1]["val_loss"], rel=tol, abs=tol), name
     assert b_rows[-1]["val_rewards/margin"] == pytest.approx(a_rows[-1]["val_rewards/margin"], rel=tol, abs=tol), name

@@ -8,16 +8,10 @@ import json
 import shutil
 
 import pytest
-import torch.distributed as dist
 
-from megaloom.config import load_config
-from megaloom.data.corpus import ensure_corpus_for
 from megaloom.observe.metrics import read_metrics
-from megaloom.observe.progress import Console
-from megaloom.parallel.launch import LaunchEnv, start
-from megaloom.train.trainer import Trainer
 
-from .launch import run_workers
+from .launch import run_workers, train_config
 
 
 def vowel_share(completion: str, record: dict) -> float:
@@ -37,18 +31,7 @@ def _sets(tmp, *extra):
 
 
 def _train(sets, run_dir, rank=0, world=1):
-    from megaloom.align.grpo import GRPOObjective
-    from megaloom.align.ppo import PPOObjective
-
-    cfg = load_config("configs/debug.toml", sets)
-    grid, device = start(cfg, LaunchEnv(rank, world))
-    if rank == 0:
-        ensure_corpus_for(cfg, run_dir.parent / "cache")
-    if world > 1:
-        dist.barrier()
-    corpus = ensure_corpus_for(cfg, run_dir.parent / "cache")
-    objective = (GRPOObjective if cfg.train.objective == "grpo" else PPOObjective)(cfg)
-    Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, objective=objective).run()
+    train_config(sets, run_dir, rank, world)
 
 
 def _worker(rank, world, runs):
