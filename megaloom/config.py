@@ -227,8 +227,9 @@ class RLConfig:
     """Reinforcement learning with rollouts (train.objective = "grpo"; docs/alignment.md)."""
 
     reward: str = _f("exact_match", "the reward of a completion: exact_match (the completion, stripped, equals the "
-                                    "record's rl.answer_field) or \"module:function\", called as function(completion: "
-                                    "str, record: dict) -> float")
+                                    "record's rl.answer_field), last_number (the last integer in the completion equals "
+                                    "it), \"module:function\", called as function(completion: str, record: dict) -> "
+                                    "float, or (PPO) a reward model's run directory")
     answer_field: str = _f("answer", "the record field exact_match compares with")
     group_size: int = _f(4, "completions sampled per prompt (GRPO's group G); train.global_batch counts prompts")
     max_new_tokens: int = _f(32, "longest completion; prompt + completion must fit model.seq_len")
@@ -720,9 +721,10 @@ def _check_objective(cfg: Config) -> None:
         if r.temperature <= 0 or not 0 < r.top_p <= 1 or r.beta < 0 or r.clip <= 0:
             raise ConfigError(f"rl.temperature ({r.temperature}) and rl.clip ({r.clip}) must be positive, rl.top_p "
                               f"({r.top_p}) in (0, 1], rl.beta ({r.beta}) not negative")
-        if r.reward != "exact_match" and r.reward.count(":") != 1 and not (objective == "ppo" and Path(r.reward).is_dir()):
-            raise ConfigError(f"rl.reward = \"{r.reward}\" is neither exact_match, \"module:function\" nor (PPO) a "
-                              "reward model's run directory")
+        if (r.reward not in ("exact_match", "last_number") and r.reward.count(":") != 1
+                and not (objective == "ppo" and Path(r.reward).is_dir())):
+            raise ConfigError(f"rl.reward = \"{r.reward}\" is neither exact_match, last_number, \"module:function\" nor "
+                              "(PPO) a reward model's run directory")
     elif d.format == "prompt":
         raise ConfigError(f"data.format = \"prompt\" is read by train.objective = \"grpo\" or \"ppo\", not "
                           f"\"{objective}\"")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +60,22 @@ def exact_match(completion: str, record: dict, field: str = "answer") -> float:
     return float(completion.strip().removesuffix(".").strip() == answer)
 
 
+def last_number(completion: str, record: dict, field: str = "answer") -> float:
+    """1.0 when the last integer written in the completion (a leading minus sign kept) equals the record's
+    answer, else 0.0: "17 - 13 = 4" scores 1 for the answer 4 (small chat models restate the question)."""
+    if field not in record:
+        raise DataError(f"rl.answer_field = \"{field}\" is not a field of the prompt record {sorted(record)}; set "
+                        "rl.answer_field to the field that holds the answer")
+    numbers = re.findall(r"-?\d+", completion)
+    return float(bool(numbers) and numbers[-1] == str(record[field]).strip())
+
+
 def load_reward(spec: str, field: str) -> Reward:
-    """`rl.reward`: exact_match, or "module:function" imported from the Python path."""
+    """`rl.reward`: exact_match, last_number, or "module:function" imported from the Python path."""
     if spec == "exact_match":
         return lambda completion, record: exact_match(completion, record, field)
+    if spec == "last_number":
+        return lambda completion, record: last_number(completion, record, field)
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)

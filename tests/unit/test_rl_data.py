@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from megaloom.align.grpo import PromptLoader, exact_match, load_reward
+from megaloom.align.grpo import PromptLoader, exact_match, last_number, load_reward
 from megaloom.config import ConfigError
 from megaloom.data.sft import prepare_sft_corpus
 from megaloom.data.sft_loader import SFTDataset
@@ -32,6 +32,8 @@ def test_prompts_are_rendered_with_the_generation_prompt_and_kept(tmp_path):
 def test_exact_match_and_reward_loading():
     assert exact_match(" 42.\n", {"answer": 42}) == 1.0
     assert exact_match("42 apples", {"answer": "42"}) == 0.0
+    assert last_number("17 - 13 = 4", {"answer": "4"}) == 1.0 and last_number("17 - 13 = 1", {"answer": 4}) == 0.0
+    assert last_number("3 - 5 = -2.", {"answer": "-2"}) == 1.0 and last_number("none", {"answer": "1"}) == 0.0
     with pytest.raises(DataError, match="rl.answer_field"):
         exact_match("1", {"solution": "1"})
     assert load_reward("tests.unit.test_rl_data:_half", "answer")("x", {}) == 0.5
