@@ -78,4 +78,9 @@ def train_config(sets: list[str], run_dir: Any, rank: int = 0, world: int = 1,
     if world > 1:
         dist.barrier()
     corpus = ensure_corpus_for(cfg, run_dir.parent / "cache")
-    Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, **training_parts(cfg)).run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a single-process reference runs the workers' one-thread kernels too
+    try:
+        Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, **training_parts(cfg)).run()
+    finally:
+        torch.set_num_threads(threads)

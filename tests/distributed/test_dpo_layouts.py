@@ -106,7 +106,9 @@ def test_dpo_and_reward_layouts_equal_one_process(tmp_path):
         assert [r["step"] for r in ours] == [1, 2, 3], name
         for a, b in zip(reward, ours):
             for key in ("loss", "grad_norm", "accuracy", "margin"):
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (name, key, a["step"])
+                # three updates at lr 1e-2 carry the rounding of another reduction order (the scores summed
+                # over tp under sequence parallelism) to ~3e-5 by step 3; a wrong score or margin moves percents
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), (name, key, a["step"])
         assert ours[-1]["val_accuracy"] == pytest.approx(reward[-1]["val_accuracy"], abs=1e-6), name
 
 
