@@ -37,7 +37,7 @@ def _sets(tmp, *extra):
             "model.seq_len=32", "train.objective='dpo'", f"data.sources=['{tmp / 'pairs.jsonl'}']",
             f"data.dir='{tmp / 'corpus'}'", "data.vocab_size=300", "data.val_fraction=0.2", "dpo.beta=0.5",
             "train.global_batch=4", "train.micro_batch=2", "train.steps=3", "train.eval_every=3",
-            "train.eval_batches=2", "train.warmup=1", "train.lr=0.01", "log.every=1", "log.progress=false",
+            "train.eval_batches=2", "train.warmup=1", "train.lr=0.002", "log.every=1", "log.progress=false",
             "log.tensorboard=false", "log.plot=false", *extra]
 
 
