@@ -221,7 +221,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from megaloom.observe.plots import plot_loss
 
-    out = plot_loss([Path(r) for r in args.run_dirs], Path(args.output))
+    out = plot_loss([Path(r) for r in args.run_dirs], Path(args.output), args.metric)
     print(f"wrote {out}")
     return 0
 
@@ -384,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("plot", help="loss curves of run directories to a PNG")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default="loss.png", help="PNG file to write (default loss.png)")
+    p.add_argument("--metric", default="loss", help="the metrics.jsonl field to draw, with its val_ value where "
+                                                   "present (default loss; e.g. reward for GRPO and PPO)")
     p.set_defaults(func=cmd_plot)
 
     p = verbs.add_parser("info", help="parameters, FLOPs per token and memory estimate of a config")

@@ -57,3 +57,16 @@ def test_prompt_loader_order_is_layout_independent():
     again = PromptLoader(10, 4, seed=3)
     again.load_state_dict(state)
     assert again.next_batch()[0].tolist() == whole.next_batch()[0].tolist()
+
+
+def test_plot_draws_a_metric_and_names_the_fields_it_lacks(tmp_path):
+    from megaloom.errors import ConfigError
+    from megaloom.observe.plots import plot_loss
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 0.0, "reward": 0.1 * s} for s in (1, 2)] + [{"step": 3, "loss": 0.0, "val_reward": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_loss([run], tmp_path / "reward.png", "reward").stat().st_size > 0
+    with pytest.raises(ConfigError, match="--metric kl: .* loss, reward, step, val_reward"):
+        plot_loss([run], tmp_path / "kl.png", "kl")
