@@ -84,3 +84,9 @@ def train_config(sets: list[str], run_dir: Any, rank: int = 0, world: int = 1,
         Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, **training_parts(cfg)).run()
     finally:
         torch.set_num_threads(threads)
+
+
+def train_configs(rank: int, world: int, runs: list[tuple[list[str], Any]]) -> None:
+    """A `run_workers` function: every (sets, run_dir) of `runs` trained in turn on the launched grid."""
+    for sets, run_dir in runs:
+        train_config(sets, run_dir, rank, world)

@@ -14,7 +14,7 @@ from megaloom.config import load_config
 from megaloom.data.corpus import ensure_corpus_for
 from megaloom.observe.metrics import read_metrics
 
-from .launch import run_workers, train_config
+from .launch import run_workers, train_config, train_configs
 
 
 def write_pairs(path, n, seed=0):
@@ -41,13 +41,6 @@ def _sets(tmp, *extra):
             "log.tensorboard=false", "log.plot=false", *extra]
 
 
-def _train(sets, run_dir, rank=0, world=1):
-    train_config(sets, run_dir, rank, world)
-
-
-def _worker(rank, world, runs):
-    for sets, run_dir in runs:
-        _train(sets, run_dir, rank, world)
 
 
 def _same(a_rows, b_rows, tol, name):
@@ -79,17 +72,17 @@ def test_dpo_and_reward_layouts_equal_one_process(tmp_path):
             r["margin"] = 0.1 * (i % 4)
     (tmp_path / "margins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     single = tmp_path / "single"
-    _train(_sets(tmp_path), single)
+    train_config(_sets(tmp_path), single)
     dpo = read_metrics(single)
     # the policy starts as the reference: the first loss is log 2, then the policy moves away from it
     assert dpo[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
     assert dpo[-1]["rewards/margin"] > 0 and dpo[-1]["loss"] < np.log(2)
     pre = tmp_path / "precomputed"
-    _train(_sets(tmp_path, "dpo.precompute_reference=true"), pre)
+    train_config(_sets(tmp_path, "dpo.precompute_reference=true"), pre)
     assert (pre / "reference_logps.pt").is_file()
     _same(dpo, read_metrics(pre), 1e-6, "precomputed")
     reward_single = tmp_path / "reward-single"
-    _train(_reward_sets(tmp_path), reward_single)
+    train_config(_reward_sets(tmp_path), reward_single)
     reward = read_metrics(reward_single)
     assert reward[0]["loss"] == pytest.approx(_first_reward_loss(_reward_sets(tmp_path), reward_single), rel=1e-5)
 
@@ -98,7 +91,7 @@ def test_dpo_and_reward_layouts_equal_one_process(tmp_path):
                       "reward-pp2": ["parallel.pp=2"]}
     runs = [(_sets(tmp_path, *extra), tmp_path / name) for name, extra in dpo_layouts.items()]
     runs += [(_reward_sets(tmp_path, *extra), tmp_path / name) for name, extra in reward_layouts.items()]
-    run_workers(_worker, 2, runs, timeout=300)
+    run_workers(train_configs, 2, runs, timeout=300)
     for name in dpo_layouts:
         _same(dpo, read_metrics(tmp_path / name), 1e-5, name)
     for name in reward_layouts:

@@ -11,7 +11,7 @@ import pytest
 
 from megaloom.observe.metrics import read_metrics
 
-from .launch import run_workers, train_config
+from .launch import run_workers, train_config, train_configs
 
 
 def vowel_share(completion: str, record: dict) -> float:
@@ -30,13 +30,6 @@ def _sets(tmp, *extra):
             "log.tensorboard=false", "log.plot=false", *extra]
 
 
-def _train(sets, run_dir, rank=0, world=1):
-    train_config(sets, run_dir, rank, world)
-
-
-def _worker(rank, world, runs):
-    for sets, run_dir in runs:
-        _train(sets, run_dir, rank, world)
 
 
 def test_grpo_and_ppo_layouts_equal_one_process(tmp_path):
@@ -48,14 +41,14 @@ def test_grpo_and_ppo_layouts_equal_one_process(tmp_path):
         for i in range(30):
             f.write(json.dumps({"prompt": " ".join(words[i % 8:i % 8 + 3]), "scale": 1 + i % 3}) + "\n")
     single = tmp_path / "single"
-    _train(_sets(tmp_path), single)
+    train_config(_sets(tmp_path), single)
     rows = read_metrics(single)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["reward_std"] > 0 for r in rows)  # the groups differ: the advantages are not all zero
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0  # the policy leaves the reference
     assert all(r["grad_norm"] > 0 for r in rows) and "val_reward" in rows[-1]
     ppo_single = tmp_path / "ppo-single"
-    _train(_ppo_sets(tmp_path, "checkpoint.every=1", "checkpoint.keep=4"), ppo_single)
+    train_config(_ppo_sets(tmp_path, "checkpoint.every=1", "checkpoint.keep=4"), ppo_single)
     ppo = read_metrics(ppo_single)
     assert [r["step"] for r in ppo] == [1, 2, 3, 4]
     assert ppo[0]["kl"] == pytest.approx(0.0, abs=1e-6) and ppo[0]["value_loss"] > 0
@@ -66,7 +59,7 @@ def test_grpo_and_ppo_layouts_equal_one_process(tmp_path):
     resumed = tmp_path / "ppo-resumed"
     shutil.copytree(ppo_single, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    _train(_ppo_sets(tmp_path, "checkpoint.every=1", "checkpoint.keep=4"), resumed)
+    train_config(_ppo_sets(tmp_path, "checkpoint.every=1", "checkpoint.keep=4"), resumed)
     _equal(ppo, read_metrics(resumed), ("loss", "grad_norm", "kl_coef", "value_loss", "entropy"), "ppo-resumed")
 
     layouts = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": ["parallel.dp=2"]}
@@ -74,7 +67,7 @@ def test_grpo_and_ppo_layouts_equal_one_process(tmp_path):
                    "ppo-dp2": ["parallel.dp=2"]}
     runs = [(_sets(tmp_path, *extra), tmp_path / name) for name, extra in layouts.items()]
     runs += [(_ppo_sets(tmp_path, *extra), tmp_path / name) for name, extra in ppo_layouts.items()]
-    run_workers(_worker, 2, runs, timeout=400)
+    run_workers(train_configs, 2, runs, timeout=400)
     for name in ppo_layouts:
         _equal(ppo, read_metrics(tmp_path / name),
                ("loss", "grad_norm", "reward", "kl", "kl_coef", "value_loss", "entropy", "clip_fraction"), name)
