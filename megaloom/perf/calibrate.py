@@ -7,6 +7,12 @@ What the planner would otherwise take from a data sheet and an assumption, measu
   (bf16 on a GPU, fp32 on a CPU, as megaloom trains there); the planner then times a GEMM at the
   rate of the nearest measured shape (`hardware.gemm_seconds`).
 - Memory bandwidth: a large device-to-device copy (bytes read + written per second).
+- What megaloom's own program spends on a pass beyond its arithmetic (`measure_overheads`): operator
+  dispatch, autograd and Python, per layer, embedding and head, forward and backward, and the
+  optimizer's step per layer. The same model family and options at a negligible size (two channels
+  per head, two tokens), timed at 1 and 4 layers: the difference per layer is one layer's fixed cost,
+  the rest the embedding's and the head's. On a CPU this is most of a small model's step; on a GPU it
+  is the host time a pass cannot finish under, however small its kernels.
 - Collectives, when launched on several processes (torchrun): all-reduce, all-gather and a
   point-to-point send over the whole world at sizes from 4 KiB to 4 MiB, each fitted by least
   squares to the alpha-beta model the planner uses (`collectives.py`: ring all-reduce
@@ -32,6 +38,8 @@ import torch.distributed as dist
 
 from megaloom.config import Config
 from megaloom.layout import vocab_rows
+from megaloom.perf.hardware import OVERHEADS
+from megaloom.precision import autocast
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch 2.13's name
 SIZES = tuple(4096 * 4**i for i in range(6))  # 4 KiB .. 4 MiB per rank, fp32 elements of 4 bytes
@@ -84,6 +92,72 @@ def measure_copy(device: torch.device, mib: int = 256, repeats: int = 5) -> floa
     dst = torch.empty_like(src)
     seconds = _median_seconds(lambda: dst.copy_(src), device, repeats)
     return 2 * src.numel() * 4 / seconds
+
+
+OVERHEAD_LAYERS = 4  # the deeper of the two tiny models; the shallower has one layer
+# GEMMs in a tiny pass, each also timed by the GEMM table at its real shape: subtracted once here so the
+# planner does not count their dispatch twice (forward: qkv, out, up, down; backward: input and weight
+# gradient of each; the head: one forward GEMM, two backward)
+GEMMS_PER_PASS = {"layer_forward": 4, "layer_backward": 8, "head_forward": 1, "head_backward": 2}
+
+
+def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds per pass that megaloom's own program spends beyond its arithmetic (see the module
+    docstring): OVERHEADS -> seconds, each a median over timed repetitions, never below 0."""
+    from dataclasses import replace
+
+    from megaloom.model import build_model
+    from megaloom.train.optim import build_optimizer
+
+    precision, n = cfg.train.precision, max(20, 10 * repeats)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    tiny = replace(cfg.model, hidden=2 * cfg.model.heads, ffn_hidden=8, vocab_size=8, seq_len=2)
+    x = torch.zeros(1, 2, dtype=torch.long, device=device)
+
+    def timed(fn: Callable[[], object]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    # the two depths (and the embedding alone) take turns, so a busy host slows them alike
+    models = [build_model(replace(tiny, layers=k), cfg.train.seed, device) for k in (1, OVERHEAD_LAYERS)]
+    opts = [build_optimizer(mod, cfg.train) for mod in models]
+    emb = build_model(replace(tiny, layers=1), cfg.train.seed, device).embed
+    times: dict[str, list[float]] = {}
+    for _ in range(n + 3):
+        for mod, opt, k in zip(models, opts, (1, OVERHEAD_LAYERS)):
+            box: list[torch.Tensor] = []
+
+            def forward(mod: torch.nn.Module = mod, box: list = box) -> None:
+                with autocast(precision, device):
+                    box.append(mod(x, x))
+
+            row = (timed(forward), timed(lambda box=box: box[0].backward()), timed(opt.step))
+            opt.zero_grad(set_to_none=False)
+            for name, t in zip(("forward", "backward", "step"), row):
+                times.setdefault(f"{name}{k}", []).append(t)
+        box = []
+
+        def embed(box: list = box) -> None:
+            with autocast(precision, device):
+                box.append(emb(x).float().sum())
+
+        times.setdefault("embedding_forward", []).append(timed(embed))
+        times.setdefault("embedding_backward", []).append(timed(lambda box=box: box[0].backward()))
+    med = {k: statistics.median(v[3:]) for k, v in times.items()}  # the first three warm up
+    out = {"embedding_forward": med["embedding_forward"], "embedding_backward": med["embedding_backward"]}
+    for name, key in (("forward", "layer_forward"), ("backward", "layer_backward"), ("step", "optimizer_layer")):
+        out[key] = (med[f"{name}{OVERHEAD_LAYERS}"] - med[f"{name}1"]) / (OVERHEAD_LAYERS - 1)
+    out["head_forward"] = med["forward1"] - out["layer_forward"] - out["embedding_forward"]
+    out["head_backward"] = med["backward1"] - out["layer_backward"] - out["embedding_backward"]
+    out["optimizer_base"] = med["step1"] - out["optimizer_layer"]
+    a = torch.zeros(2, 8, device=device)
+    gemm = _median_seconds(lambda: a @ a.T, device, n)
+    for key, count in GEMMS_PER_PASS.items():
+        out[key] -= count * gemm
+    return {k: max(0.0, out[k]) for k in OVERHEADS}
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -146,13 +220,15 @@ def calibrate(out: Path, cfg: Config, command: str, repeats: int = 5) -> dict:
     tps = [t for t in (1, 2, 4, 8) if world % t == 0 and cfg.model.heads % t == 0]
     gemms = measure_gemms(planner_gemm_shapes(cfg, tps), device, dtype, repeats)
     copy = measure_copy(device, repeats=repeats)
+    overheads = measure_overheads(cfg, device, repeats)
     links = measure_collectives(device, repeats) if world > 1 else {}
     cpu = f"cpu ({platform.processor() or platform.machine()})"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, world))
     measured = {"device": name, "world": world, "dtype": str(dtype).removeprefix("torch."), "gemms": gemms,
-                "copy_gbps": copy / 1e9, "memory_gib": memory / 2**30, "links": links}
+                "copy_gbps": copy / 1e9, "overheads": overheads, "host_bound": device.type == "cpu",
+                "memory_gib": memory / 2**30, "links": links}
     if rank == 0:
         out.write_text(render_cluster(measured, command), encoding="utf-8")
     return measured
@@ -188,10 +264,18 @@ def render_cluster(measured: dict, command: str) -> str:
         f"peak_tflops = {best:.6g}  # the best measured GEMM rate stands for the peak",
         f"memory_gib = {measured['memory_gib']:.6g}",
         f"copy_gbps = {measured['copy_gbps']:.6g}",
+        f"host_bound = {'true' if measured['host_bound'] else 'false'}  # "
+        + ("a CPU: dispatch and arithmetic add up" if measured["host_bound"]
+           else "launches run ahead: a pass takes the longer of its kernels and its host time"),
         "# [m, n, k, achieved TFLOP/s] of the GEMM shapes the planner times",
         "gemms = [",
         *(f"  [{m}, {n}, {k}, {tf:.6g}]," for m, n, k, tf in measured["gemms"]),
         "]",
+        "",
+        "# microseconds megaloom's program spends per pass beyond its arithmetic (dispatch, autograd, Python),",
+        "# timed on the same model family at a negligible size (megaloom/perf/calibrate.py measure_overheads)",
+        "[measured_device.overheads_us]",
+        *(f"{k} = {measured['overheads'][k] * 1e6:.6g}" for k in OVERHEADS),
     ]
     return "\n".join(lines) + "\n"
 

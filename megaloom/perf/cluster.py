@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megaloom.config import ConfigError
-from megaloom.perf.hardware import CATALOGUE, Device, lookup
+from megaloom.perf.hardware import CATALOGUE, OVERHEADS, Device, lookup
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,8 +122,15 @@ def _measured_device(t: dict, where: str) -> Device:
     gemms = tuple((int(m), int(n), int(k), float(tf)) for m, n, k, tf in t["gemms"])
     if not gemms or any(g[3] <= 0 for g in gemms):
         raise ConfigError(f"{where}: [measured_device] gemms must be non-empty [m, n, k, TFLOP/s] rows with positive rates")
+    overheads = t.get("overheads_us", {})
+    known = set(OVERHEADS)
+    if not isinstance(overheads, dict) or set(overheads) - known or any(float(v) < 0 for v in overheads.values()):
+        raise ConfigError(f"{where}: [measured_device.overheads_us] takes non-negative microseconds for "
+                          f"{', '.join(OVERHEADS)}; rerun `megaloom calibrate`")
     return Device(str(t["name"]), float(t["peak_tflops"]), 0.0, float(t["memory_gib"]), float(t["copy_gbps"]) / 1e3,
-                  (), 1, gemms, float(t["copy_gbps"]))
+                  (), 1, gemms, float(t["copy_gbps"]),
+                  tuple((k, float(overheads[k]) * 1e-6) for k in OVERHEADS if k in overheads),
+                  bool(t.get("host_bound", False)))
 
 
 def presets() -> list[str]:

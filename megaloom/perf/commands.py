@@ -216,10 +216,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
                         *(f"--set {x}" for x in args.set), f"--repeats {args.repeats}"])
     measured = calibrate(out, cfg, command, args.repeats)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        links = measured["links"].get("all_reduce")
+        links, ov = measured["links"].get("all_reduce"), measured["overheads"]
         print(f"wrote {out}: {measured['device']}, {len(measured['gemms'])} GEMM shapes "
               f"({min(g[3] for g in measured['gemms']):.3g}-{max(g[3] for g in measured['gemms']):.3g} TFLOP/s), "
-              f"copy {measured['copy_gbps']:.1f} GB/s"
+              f"copy {measured['copy_gbps']:.1f} GB/s, fixed cost per layer {ov['layer_forward'] * 1e6:.0f} us "
+              f"forward and {ov['layer_backward'] * 1e6:.0f} us backward"
               + (f", all-reduce alpha {links['alpha_us']:.1f} us beta {links['beta_gbs']:.2f} GB/s over "
                  f"{measured['world']} processes" if links else ""))
     if dist.is_initialized():

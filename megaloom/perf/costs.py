@@ -10,6 +10,8 @@ microbatch on each pipeline stage, from:
   the materialized scores of the 2021 Megatron-LM as batched GEMMs plus a fused softmax;
 - memory-bound kernels (norms, residual adds, activation functions, casts, the loss): bytes moved per
   token, counted for each `Recipe`, at the achieved memory bandwidth;
+- on a device `megaloom calibrate` measured, the fixed cost of each pass beyond its arithmetic (operator
+  dispatch, autograd, Python: `Device.pass_seconds`), added on a CPU, overlapped on a GPU;
 - tensor-parallel collectives: 2 all-reduces of b·s·h in forward and 2 in backward per layer (§3.2
   of Narayanan et al. 2021; with sequence parallelism all-gather + reduce-scatter, the same time),
   plus 2 more under full recomputation;
@@ -264,9 +266,9 @@ class StageCosts:
         fwd += casts
         wgrad += casts
         comm = 2 * self._allreduce(tokens * h * 2) if t > 1 else 0.0
-        forward = fwd + attn_f + mem_f + comm
+        forward = self.dev.pass_seconds(fwd + attn_f + mem_f, "layer_forward") + comm
         recompute = {"none": 0.0, "selective": attn_f, "full": forward}[lay.recompute]
-        backward_input = dgrad + attn_b + 2 * mem_f + comm + recompute
+        backward_input = self.dev.pass_seconds(dgrad + attn_b + 2 * mem_f, "layer_backward") + comm + recompute
         return PassTime(forward, backward_input, wgrad, comm * (3 if lay.recompute == "full" else 2), recompute)
 
     def _attention(self, b: int, s: int, h: int, a: int, t: int) -> tuple[float, float]:
@@ -287,7 +289,8 @@ class StageCosts:
         tokens = lay.microbatch * m.seq_len
         fwd = tokens * m.hidden * 2 * 3 / self.dev.copy_bytes_per_s
         comm = self._allreduce(tokens * m.hidden * 2) if lay.tp > 1 else 0.0
-        return PassTime(fwd + comm, 0.0, 2 * fwd, comm, 0.0)
+        return PassTime(self.dev.pass_seconds(fwd, "embedding_forward") + comm, 0.0,
+                        self.dev.pass_seconds(2 * fwd, "embedding_backward"), comm, 0.0)
 
     @cached_property
     def head(self) -> PassTime:
@@ -299,7 +302,8 @@ class StageCosts:
         wgrad = gemm_seconds(self.dev, m.hidden, vocab, tokens)
         loss = tokens * vocab * r.loss_traffic / self.dev.copy_bytes_per_s
         comm = 3 * self._allreduce(tokens * 4) if lay.tp > 1 else 0.0  # max, sum of exps, target logit
-        return PassTime(fwd + loss * 0.6 + comm, dgrad + loss * 0.4, wgrad, comm, 0.0)
+        return PassTime(self.dev.pass_seconds(fwd + loss * 0.6, "head_forward") + comm,
+                        self.dev.pass_seconds(dgrad + loss * 0.4, "head_backward"), wgrad, comm, 0.0)
 
     def stage_layers(self, stage: int) -> int:
         """Layers of virtual stage `stage`: parallel.layers_per_stage's entry, or an even split."""

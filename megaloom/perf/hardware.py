@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil, log
 
+# the fixed costs per pass `megaloom calibrate` measures (calibrate.measure_overheads)
+OVERHEADS = ("layer_forward", "layer_backward", "embedding_forward", "embedding_backward", "head_forward",
+             "head_backward", "optimizer_layer", "optimizer_base")
+
 
 @dataclass(frozen=True)
 class Device:
@@ -43,6 +47,19 @@ class Device:
     # achieved copy bandwidth (GB/s, read + written); the models below then use these figures
     measured_gemms: tuple[tuple[int, int, int, float], ...] = ()
     copy_gbps: float = 0.0
+    # seconds megaloom's program spends per pass beyond its arithmetic (calibrate.OVERHEADS names), measured;
+    # a catalogue device has none (its per-kernel launch cost is in gemm_seconds)
+    overheads: tuple[tuple[str, float], ...] = ()
+    host_bound: bool = False  # the host runs the arithmetic (a CPU): overhead and arithmetic add up
+
+    def overhead(self, name: str) -> float:
+        return dict(self.overheads).get(name, 0.0)
+
+    def pass_seconds(self, arithmetic: float, overhead: str) -> float:
+        """A pass's time from its arithmetic and its measured fixed cost `overhead`: their sum where the host
+        computes (a CPU), the longer of the two where kernels run ahead of the host (a GPU)."""
+        ov = self.overhead(overhead)
+        return arithmetic + ov if self.host_bound else max(arithmetic, ov)
 
     @property
     def copy_bytes_per_s(self) -> float:

@@ -17,7 +17,8 @@ in lockstep):
   one layer ahead of its compute, in forward (and ZeRO-3 again in backward), on a communication
   stream that hides them only behind the compute there is (`fsdp_pass_seconds`), and reduce-scatter
   once per step behind the last backward;
-- the optimizer step reads and writes the (sharded) fp32 state at the achieved memory bandwidth.
+- the optimizer step reads and writes the (sharded) fp32 state at the achieved memory bandwidth (and on
+  a device `megaloom calibrate` measured, its fixed cost per step and per layer held).
 """
 
 from __future__ import annotations
@@ -390,6 +391,10 @@ def finish_step(job: Job, costs: StageCosts, r: int, finish: float,
             comm_free = max(begin + share, end + share / layers)
     grads_done = max(finish, comm_free)
     opt = params / (d if lay.zero else 1) * ADAM_BYTES_PER_PARAMETER / c.device.copy_bytes_per_s
+    dev = c.device
+    if dev.overheads:  # the optimizer's measured fixed cost: one part per step, one per layer held
+        fixed = dev.overhead("optimizer_base") + dev.overhead("optimizer_layer") * sum(costs.rank_layers(r))
+        opt = opt + fixed if dev.host_bound else max(opt, fixed)
     weights = 4 if job.recipe.fp32_weights else 2
     after = collective_seconds(c, Collective.ALL_GATHER, params * weights, group) if lay.zero == 1 and d > 1 else 0.0
     return grads_done + opt + after, grads_done - finish + after, opt

@@ -1,5 +1,7 @@
 """`megaloom calibrate`: what it measures is what the cluster file says and what the planner then uses."""
 
+import dataclasses
+
 import pytest
 import torch.distributed as dist
 
@@ -8,7 +10,9 @@ from megaloom.config import load_config
 from megaloom.perf.calibrate import calibrate, fit_line, planner_gemm_shapes
 from megaloom.perf.cluster import load_cluster
 from megaloom.perf.collectives import Collective, collective_seconds
-from megaloom.perf.hardware import gemm_seconds
+from megaloom.perf.costs import Job, StageCosts
+from megaloom.perf.hardware import OVERHEADS, gemm_seconds
+from megaloom.perf.simulator import simulate_job
 
 from ..distributed.launch import run_workers
 
@@ -31,6 +35,50 @@ def test_one_process_writes_the_gemms_it_measured(tmp_path, capsys):
     for m, n, k, tflops in c.device.measured_gemms:  # the planner times each at its measured rate
         assert gemm_seconds(c.device, m, n, k) == pytest.approx(2 * m * n * k / (tflops * 1e12), rel=1e-5)
     assert c.device.copy_bytes_per_s > 0 and c.gpus_per_node == 1
+    # the program's fixed costs per pass, measured, each in the file and read back
+    text = out.read_text(encoding="utf-8")
+    assert "[measured_device.overheads_us]" in text and "host_bound = true" in text
+    assert [k for k, _ in c.device.overheads] == list(OVERHEADS) and c.device.host_bound
+    assert all(v >= 0 for _, v in c.device.overheads) and sum(v for _, v in c.device.overheads) > 0
+
+
+def _costs(device, cfg):
+    cluster = dataclasses.replace(load_cluster("dgx-h100"), measured=device)
+    return Job.from_config(cfg, cluster), StageCosts(Job.from_config(cfg, cluster))
+
+
+def test_the_planner_adds_the_measured_overheads_on_a_host_and_overlaps_them_on_a_gpu():
+    """A pass on a host-bound device (a CPU) takes its arithmetic plus its measured fixed cost; on a device
+    whose kernels run ahead of the host it takes the longer of the two; the optimizer's fixed cost is one
+    base part plus one per layer the rank holds."""
+    cfg = load_config(None, TINY + ["model.layers=2"])
+    bare = dataclasses.replace(load_cluster("dgx-h100").device, name="measured", measured_gemms=((64, 64, 64, 1e-3),),
+                               copy_gbps=10.0)
+    over = {"layer_forward": 3e-3, "layer_backward": 5e-3, "embedding_forward": 1e-4, "embedding_backward": 2e-4,
+            "head_forward": 7e-4, "head_backward": 9e-4, "optimizer_layer": 4e-4, "optimizer_base": 6e-4}
+    host = dataclasses.replace(bare, overheads=tuple(over.items()), host_bound=True)
+    gpu = dataclasses.replace(host, host_bound=False)
+    (_, b), (_, h), (_, g) = (_costs(d, cfg) for d in (bare, host, gpu))
+    assert h.layer.forward == pytest.approx(b.layer.forward + 3e-3, rel=1e-12)
+    assert h.layer.backward_input == pytest.approx(b.layer.backward_input + 5e-3, rel=1e-12)
+    assert h.layer.backward_weight == b.layer.backward_weight
+    assert h.embedding.forward == pytest.approx(b.embedding.forward + 1e-4, rel=1e-12)
+    assert h.head.backward_input == pytest.approx(b.head.backward_input + 9e-4, rel=1e-12)
+    assert g.layer.forward == pytest.approx(max(b.layer.forward, 3e-3), rel=1e-12)
+    assert g.head.forward == pytest.approx(max(b.head.forward, 7e-4), rel=1e-12)
+    jobs = [_costs(d, cfg)[0] for d in (bare, host)]
+    opt = [simulate_job(j).breakdown["optimizer"] for j in jobs]
+    assert opt[1] == pytest.approx(opt[0] + 6e-4 + 2 * 4e-4, rel=1e-9)
+
+
+def test_bad_overheads_table_is_one_line(tmp_path, capsys):
+    out = tmp_path / "here.toml"
+    assert main(["calibrate", "--out", str(out), "--repeats", "1", *sum((["--set", s] for s in TINY), [])]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(out.read_text(encoding="utf-8").replace("layer_forward =", "layer_fwd ="), encoding="utf-8")
+    with pytest.raises(Exception, match=r"overheads_us\] takes non-negative microseconds for layer_forward"):
+        load_cluster(str(bad))
 
 
 def test_bad_measured_table_is_one_line(tmp_path):

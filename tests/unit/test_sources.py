@@ -11,7 +11,7 @@ from megaloom.perf import costs, hardware, simulator, sources
 from megaloom.perf.cluster import Cluster
 
 # not model constants: units, names, switches of the search
-NOT_CONSTANTS = {"costs.GIB", "costs.RECOMPUTE", "costs.RECIPES"}
+NOT_CONSTANTS = {"costs.GIB", "costs.RECOMPUTE", "costs.RECIPES", "hardware.OVERHEADS"}
 
 STILL_ASSUMED = [
     "cluster.hop_latency_us", "cluster.intra_efficiency", "cluster.nic_efficiency",
