@@ -22,14 +22,8 @@ from dataclasses import dataclass
 from megaloom.config import ConfigError, ModelConfig
 from megaloom.perf.cluster import Cluster
 from megaloom.perf.costs import GIB, MEGATRON, RECOMPUTE, USABLE_MEMORY, Job, Layout, Recipe, StageCosts, peak_in_flight
-from megaloom.perf.simulator import (
-    Simulation,
-    finish_step,
-    global_sync_seconds,
-    p2p_seconds,
-    pass_seconds,
-    simulate_job,
-)
+from megaloom.perf.simulator import Simulation, finish_step, pass_seconds, simulate_job
+from megaloom.perf.traffic import global_sync_seconds, p2p_seconds
 
 FIELDS = ("tp", "pp", "microbatch", "chunks", "recompute", "zero", "sequence_parallel")
 

@@ -9,7 +9,8 @@ from megaloom.parallel.schedules import Costs, ScheduleKind, build_schedule, sim
 from megaloom.perf import flops, memory
 from megaloom.perf.cluster import load_cluster
 from megaloom.perf.costs import MEGATRON, MEGATRON_2021, Job, Layout, StageCosts, check_job, peak_in_flight
-from megaloom.perf.simulator import communication_by_stage, dp_group, hardware_flops_per_token, simulate_job
+from megaloom.perf.simulator import hardware_flops_per_token, simulate_job
+from megaloom.perf.traffic import communication_by_stage, dp_group
 
 GPT_1T = ModelConfig(family="gpt2", layers=128, hidden=25600, heads=160, vocab_size=51200, seq_len=2048)
 SMALL = ModelConfig(family="gpt2", layers=16, hidden=1024, heads=16, vocab_size=32000, seq_len=1024)

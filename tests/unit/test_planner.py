@@ -117,7 +117,7 @@ def test_the_2021_program_cannot_do_what_came_later():
     lay = Layout(2, 4, 8, 2, 2, "none", 0)
     blocking = simulate_job(Job(model, A100, 64, 512, lay, MEGATRON_2021))
     overlapped = simulate_job(Job(model, A100, 64, 512, lay, dataclasses.replace(MEGATRON_2021, overlap_p2p=True)))
-    from megaloom.perf.simulator import p2p_seconds
+    from megaloom.perf.traffic import p2p_seconds
 
     c, m = p2p_seconds(blocking.job, 0, 1), blocking.job.microbatches
     # Megatron-LM's program (megatron_plan.py) waits once per forward-backward pair for a batch of up to
