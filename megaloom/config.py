@@ -151,6 +151,11 @@ class TrainConfig:
                                     "with the checkpoints (docs/compression.md)")
 
 
+# peft.method values whose adapters can be switched off for one forward (megaloom/tune/peft.py adapters_off):
+# prefix and prompt tuning change the sequence the model sees and have no switch
+SWITCHABLE_PEFT = ("lora", "dora", "ia3", "adapter")
+
+
 @dataclass
 class PeftConfig:
     """Parameter-efficient fine-tuning (docs/finetuning.md): the base model frozen, only the method's own
@@ -176,6 +181,11 @@ class PeftConfig:
     quantize_base: Literal["none", "nf4"] = _f(
         "none", "nf4 = QLoRA: the frozen base linears held in 4-bit NormalFloat (torchao); adapters stay in "
                 "the training precision")
+    reference: Literal["auto", "adapters_off", "copy"] = _f(
+        "auto", "the reference of DPO, GRPO (rl.beta > 0) and PPO (rl.kl_coef > 0) under PEFT: adapters_off = the "
+                "trained model with its adapters switched off for the reference's forward (no second model; TRL's "
+                "disable_adapter), copy = a frozen copy of the base; auto = adapters_off for lora, dora, ia3 and "
+                "adapter, copy for prefix and prompt")
 
 
 @dataclass
@@ -223,6 +233,20 @@ class DistillConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantization-aware training (docs/compression.md): the block linears fake-quantized in every training
+    forward (torchao's QAT), then `megaloom quantize RUN OUT --from-qat` makes the quantized model."""
+
+    scheme: Literal["none", "int8-dynamic-act-int4-weight", "int8-weight", "int4-weight"] = _f(
+        "none", "none = off; int4-weight: int4 weights, one scale per group; int8-weight: int8 weights, one scale "
+                "per output row (or group); int8-dynamic-act-int4-weight: int4 weights and int8 activations, "
+                "asymmetric per token (the names and torchao configs of megaloom quantize --method)")
+    group_size: int = _f(0, "input features per scale; 0 = the scheme's default: 32 for the int4 schemes, one scale "
+                            "per output row for int8-weight. Must divide every block linear's input features, and "
+                            "each tp rank's share of the row-parallel ones (attention output, down projection)")
+
+
+@dataclass
 class RLConfig:
     """Reinforcement learning with rollouts (train.objective = "grpo"; docs/alignment.md)."""
 
@@ -250,7 +274,12 @@ class RLConfig:
     kl_horizon: int = _f(10000, "PPO: the adaptive controller's horizon, in rollout samples")
     gamma: float = _f(1.0, "PPO: discount of GAE")
     lam: float = _f(0.95, "PPO: lambda of GAE")
-    vf_coef: float = _f(0.1, "PPO: weight of the value loss (the critic shares the policy's trunk: a value head)")
+    critic: Literal["shared", "separate"] = _f(
+        "shared", "PPO: shared = a value head on the policy's trunk (one model, one optimizer); separate = a second "
+                  "model from the same start weights with its own value head and optimizer, trained by the value "
+                  "loss alone")
+    vf_coef: float = _f(0.1, "PPO: weight of the value loss in the policy's loss (rl.critic = \"shared\"; a separate "
+                             "critic is trained by the value loss alone)")
     value_clip: float = _f(0.2, "PPO: clipping of the value loss around the rollout's values")
     entropy_coef: float = _f(0.0, "PPO: weight of the entropy bonus")
     whiten_advantages: bool = _f(True, "PPO: whiten the advantages over each rollout")
@@ -312,6 +341,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -431,7 +461,7 @@ def _check_peft(cfg: Config) -> None:
     p, m = cfg.peft, cfg.model
     if p.method == "none":
         for key, value in (("peft.quantize_base", p.quantize_base != "none"), ("peft.init", p.init),
-                           ("peft.targets", p.targets)):
+                           ("peft.targets", p.targets), ("peft.reference", p.reference != "auto")):
             if value:
                 raise ConfigError(f"{key} = {_toml_value(get_value(cfg, key))} needs a peft.method (lora, dora, "
                                   "adapter, prefix, prompt or ia3); set one or remove it")
@@ -456,18 +486,47 @@ def _check_peft(cfg: Config) -> None:
         raise ConfigError(f"peft.targets = {p.targets} names a module twice; list each once")
     if p.method in ("prefix", "prompt"):
         _check_virtual_tokens(cfg)
+    if p.reference == "adapters_off" and p.method not in SWITCHABLE_PEFT:
+        raise ConfigError(f"peft.reference = \"adapters_off\" but peft.method = \"{p.method}\" changes the sequence the "
+                          "model sees and has no switch; set peft.reference = \"copy\" (or \"auto\")")
     lora = p.method in ("lora", "dora")
     if p.quantize_base != "none" and not lora:
         raise ConfigError(f"peft.quantize_base = \"{p.quantize_base}\" (QLoRA) needs peft.method lora or dora "
                           f"(got {p.method}); set peft.quantize_base = \"none\"")
-    zero = cfg.parallel.zero
-    if zero >= 2 and (p.quantize_base != "none" or p.method == "dora"):
-        what = "an NF4 base (peft.quantize_base)" if p.quantize_base != "none" else "DoRA's magnitude initialisation"
-        raise ConfigError(f"parallel.zero = {zero} shards {what} over FSDP, which megaloom does not do yet; use "
-                          "parallel.zero 0 or 1")
-    if lora and p.dropout > 0 and cfg.train.recompute == "full":
-        raise ConfigError(f"peft.dropout = {p.dropout} with train.recompute = \"full\": the recomputed blocks would "
-                          "draw new LoRA dropout masks; set peft.dropout = 0 or train.recompute = \"selective\"")
+
+
+def _check_qat(cfg: Config) -> None:
+    """[qat]: a group size that tiles every block linear's input features (each tp rank's share of the
+    row-parallel ones: a group must not straddle two ranks), and what QAT composes with."""
+    q, m, tp = cfg.qat, cfg.model, cfg.parallel.tp
+    if q.scheme == "none":
+        if q.group_size:
+            raise ConfigError(f"qat.group_size = {q.group_size} needs a qat.scheme (int4-weight, int8-weight or "
+                              "int8-dynamic-act-int4-weight); set one or remove it")
+        return
+    if q.group_size < 0 or q.group_size == 1:
+        raise ConfigError(f"qat.group_size = {q.group_size} must be 0 (the scheme's default) or at least 2, e.g. 32")
+    group = q.group_size or (0 if q.scheme == "int8-weight" else 32)
+    widths = (("attn.qkv", m.hidden, 1), ("attn.proj", m.heads * m.head_dim, tp), ("mlp.up", m.hidden, 1),
+              ("mlp.down", m.ffn, tp))
+    for name, width, t in widths:
+        if group and (width % t or (width // t) % group):
+            where = f"each of the parallel.tp = {t} ranks' {width // t} of {name}'s {width}" if t > 1 else \
+                f"{name}'s {width}"
+            raise ConfigError(f"qat.group_size = {group} does not divide {where} input features (a group may not "
+                              f"straddle tp ranks); pick a group size that divides {width // t}, e.g. "
+                              f"{_divisor_near(width // t, 32)}")
+    if cfg.train.objective not in ("lm", "sft", "distill"):
+        raise ConfigError(f"qat.scheme = \"{q.scheme}\" applies to train.objective lm, sft or distill (got "
+                          f"\"{cfg.train.objective}\"); set qat.scheme = \"none\"")
+    if cfg.peft.method not in ("none", "lora") or cfg.peft.quantize_base != "none":
+        what = f"peft.method = \"{cfg.peft.method}\"" if cfg.peft.method not in ("none", "lora") else \
+            f"peft.quantize_base = \"{cfg.peft.quantize_base}\""
+        raise ConfigError(f"qat.scheme = \"{q.scheme}\" composes with full training and peft.method = \"lora\" "
+                          f"(its base fake-quantized), not with {what}; change one of them")
+    if cfg.parallel.schedule == "zb-h1" and cfg.parallel.pp > 1:
+        raise ConfigError(f"qat.scheme = \"{q.scheme}\" with parallel.schedule = \"zb-h1\": the deferred weight "
+                          "gradients see the fake-quantized weight, not the parameter; use another schedule")
 
 
 def _check_virtual_tokens(cfg: Config) -> None:
@@ -649,6 +708,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.sources is empty; give at least one source, e.g. [\"stdlib\"]")
     _check_objective(cfg)
     _check_peft(cfg)
+    _check_qat(cfg)
     if p.powersgd_rank < 0 or (p.powersgd_rank and p.zero >= 2):
         raise ConfigError(f"parallel.powersgd_rank = {p.powersgd_rank} needs parallel.zero 0 or 1 (got {p.zero}) "
                           "and must not be negative; FSDP's reduce-scatter (ZeRO-2/3) is not compressed")
@@ -712,7 +772,10 @@ def _check_objective(cfg: Config) -> None:
             if r.kl_coef < 0 or r.kl_target < 0 or r.vf_coef < 0 or not 0 <= r.lam <= 1 or not 0 < r.gamma <= 1:
                 raise ConfigError(f"rl.kl_coef ({r.kl_coef}), rl.kl_target ({r.kl_target}), rl.vf_coef ({r.vf_coef}) "
                                   f"must not be negative; rl.lam ({r.lam}) in [0, 1], rl.gamma ({r.gamma}) in (0, 1]")
-        elif r.group_size < 2:
+        elif r.critic != "shared":
+            raise ConfigError(f"rl.critic = \"{r.critic}\" applies to train.objective = \"ppo\" (GRPO has no critic); "
+                              "remove it")
+        if objective == "grpo" and r.group_size < 2:
             raise ConfigError(f"rl.group_size = {r.group_size}: group-normalised advantages need at least 2 "
                               "completions per prompt; use 4 or more")
         if r.max_new_tokens < 1 or r.max_new_tokens >= cfg.model.seq_len:

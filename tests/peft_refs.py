@@ -125,6 +125,23 @@ def megaloom_run(directory, overrides: list[str], state: dict, rank: int = 0, wo
     return losses, grads, parts, cfg
 
 
+def adapter_state(directory, method: str, family: str = "llama") -> dict[str, torch.Tensor]:
+    """PEFT's adapters of `peft_model` (B nonzero, DoRA's magnitudes perturbed), by PEFT key."""
+    from peft import get_peft_model_state_dict
+
+    model = peft_model(directory, load_config(None, sets(directory, method, family)))
+    return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def seeded_run(directory, method: str, extra: list[str], state: dict, grid=None, family: str = "llama",
+               **layout):  # noqa: ANN001, ANN201
+    """`megaloom_run` of `sets(...)` + `extra` in `layout`, with the dropout masks of train.seed (the
+    global seed, as the trainer sets it; spawned workers would otherwise draw their own)."""
+    overrides = [*sets(directory, method, family, **layout), *extra]
+    torch.manual_seed(load_config(None, overrides).train.seed)
+    return megaloom_run(directory, overrides, state, grid=grid)
+
+
 def adamw_steps(parts, cfg, grid, tokens, steps, after=None):  # noqa: ANN001, ANN201
     """`steps` optimizer steps of the trainer's own step function on this data-parallel rank's slice of
     `tokens` (rows of seq_len + 1), the same batch every step; each step's loss over the whole grid.

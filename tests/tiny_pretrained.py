@@ -32,26 +32,27 @@ def tokenizer(directory: Path):  # noqa: ANN201 (transformers' PreTrainedTokeniz
     return fast
 
 
-def make(kind: str, directory: Path, layers: int = 4, seed: int = 0, vocab: int = VOCAB) -> Path:
+def make(kind: str, directory: Path, layers: int = 4, seed: int = 0, vocab: int = VOCAB, hidden: int = 64,
+         ffn: int = 96) -> Path:
     """Save a tiny random model of `kind` (one of KINDS) and its tokenizer into `directory`; `vocab`
-    embedding rows (at least VOCAB: the tokenizer's are the first)."""
+    embedding rows (at least VOCAB: the tokenizer's are the first); `hidden` and (Llama, Qwen2) `ffn` wide."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     ids = {"bos_token_id": 1, "eos_token_id": 2}
     if kind.startswith("gpt2"):
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=4, n_positions=64,
+        config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
                             tie_word_embeddings=kind == "gpt2", **ids)
         model = GPT2LMHeadModel(config)
     elif kind.startswith("llama"):
-        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=4 if kind == "llama-tied" else 2,
                              max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-5,
                              tie_word_embeddings=kind == "llama-tied", **ids)
         model = LlamaForCausalLM(config)
     elif kind == "qwen2":
-        config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                              tie_word_embeddings=False, **ids)
         model = Qwen2ForCausalLM(config)

@@ -235,7 +235,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, packing: Packing | None = None) -> torch.Tensor:
         if self.recompute and cache is None and torch.is_grad_enabled():
-            return checkpoint(self.body, x, rope, None, packing, dropouts=(self.drop,))
+            # every dropout inside, the block's and any an adapter added (LoRA's), replays its masks
+            dropouts = [m for m in self.modules() if isinstance(m, LayoutDropout)]
+            return checkpoint(self.body, x, rope, None, packing, dropouts=dropouts)
         return self.body(x, rope, cache, packing)
 
     def body(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

@@ -38,7 +38,9 @@ The contract every method module follows (lora.py/dora.py here; ia3.py, prompt.p
 - optional `peft_config(cfg: Config) -> dict`: the method's keys of `adapter_config.json`.
 - optional `merge(chunk) -> None`: fold the adapters into the base weights (`--to hf --merge`).
 - optional `from_base(chunk, cfg) -> None`: initialisation that needs the base's final (pretrained)
-  weights, run once they are filled and before peft.init is read (DoRA's magnitudes).
+  weights, run once they are filled and before peft.init is read (DoRA's magnitudes). Under ZeRO-2/3 the
+  parameters are FSDP2's DTensors (dp parts along dim 0): `megaloom.tune.peft.whole` gathers one (a
+  collective over dp), `place_local` writes a rank's part of a whole tp shard.
 - a method must not change the base parameters' names (pretrained weights and layout-independent
   checkpoints find them by name): add submodules, or register forward (pre-)hooks on existing ones.
 

@@ -13,6 +13,9 @@ DoRA (PEFT's DoraLinearLayer): with m the magnitude vector and n = ||W + s·B A|
 
     y = base(x) + (m / n - 1) · W dropout(x) + (m / n) · s · B A dropout(x)
 
+Under ZeRO-2/3 the hook runs inside the block's FSDP2 forward, which has gathered W (and A, B, m) over
+dp: n is computed from the whole (tp-local) rows, as without ZeRO.
+
 Tensor parallelism splits A and B the way the base layer is split (Megatron-LM §2.3):
 - column-parallel (qkv, up): A is replicated and applied to the layer's replicated input *before* the
   `f` operator, so `f`'s backward all-reduce gives every rank A's whole gradient (only r-wide
@@ -38,7 +41,7 @@ from megaloom.config import Config, ModelConfig
 from megaloom.model.dropout import LayoutDropout
 from megaloom.parallel.comm import TPGroup, enter_tp, leave_tp
 from megaloom.parallel.shard import ShardSpec
-from megaloom.tune.peft import place, seeded
+from megaloom.tune.peft import place, place_local, seeded, whole
 
 SITES = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 COLUMN = ("attn.qkv", "mlp.up")  # column-parallel under tp; the others are row-parallel
@@ -179,7 +182,7 @@ class LoRA(nn.Module):
                 continue
             w = _dense(weight, lora.dtype)
             w = w[offset:offset + rows] if self.column else w
-            norm = self.weight_norm(w, pair).detach()  # DoRA §4.3: a constant for the gradient
+            norm = self.weight_norm(w, pair.A, pair.B).detach()  # DoRA §4.3: a constant for the gradient
             mag = (pair.magnitude / norm).view(*([1] * (out.dim() - 1)), -1)
             xb = enter_tp(xd, self.tp) if (self.tp and self.column) else xd
             base = F.linear(xb.to(w.dtype), w)
@@ -188,9 +191,9 @@ class LoRA(nn.Module):
             parts.append((mag - 1) * base + mag * lora)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def weight_norm(self, w: torch.Tensor, pair: LoRAPair) -> torch.Tensor:
+    def weight_norm(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """||W + s·B A|| per output row; the row-parallel W's columns are spread over the tp ranks."""
-        full = w + self.scale * (pair.B @ pair.A).detach().to(w.dtype)
+        full = w + self.scale * (b @ a).detach().to(w.dtype)
         if self.tp and not self.column:
             sq = full.float().pow(2).sum(dim=1)
             dist.all_reduce(sq, group=self.tp.group)
@@ -234,7 +237,9 @@ def apply(chunk: nn.Module, cfg: Config, tp: TPGroup | None) -> None:
 @torch.no_grad()
 def from_base(chunk: nn.Module, cfg: Config) -> None:
     """DoRA: each magnitude vector starts as the row norms of W + s·B A (PEFT's update_layer), read
-    from the base once it holds its final (pretrained) weights."""
+    from the base once it holds its final (pretrained) weights. Under ZeRO-2/3 the base weight, A and B
+    are gathered over dp first (this rank's tp shard of each, as the forward sees them), and each rank
+    keeps its dp part of the norms; every rank runs the same gathers in the same order."""
     if cfg.peft.method != "dora":
         return
     for block in chunk.layers.values():
@@ -243,13 +248,13 @@ def from_base(chunk: nn.Module, cfg: Config) -> None:
             lora = getattr(linear, "lora", None)
             if lora is None:
                 continue
+            weight = _dense(whole(linear.weight), torch.float32).float()
             for key, offset, rows in lora.segments:
                 if key is None:
                     continue
                 pair = lora.pairs[key]
-                w = _dense(linear.weight, torch.float32).float()
-                w = w[offset:offset + rows] if lora.column else w
-                pair.magnitude.copy_(lora.weight_norm(w, pair).to(pair.magnitude.dtype))
+                w = weight[offset:offset + rows] if lora.column else weight
+                place_local(pair.magnitude, lora.weight_norm(w, whole(pair.A), whole(pair.B)))
 
 
 def peft_names(chunk: nn.Module) -> dict[str, tuple[str, ShardSpec | None]]:

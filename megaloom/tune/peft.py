@@ -7,16 +7,19 @@ The training stack never imports this module: the cli builds a `PeftHook` and pa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import nn
 
-from megaloom.config import Config
+from megaloom.config import SWITCHABLE_PEFT, Config
 from megaloom.errors import ConfigError
 from megaloom.model.init import _generator
 from megaloom.parallel.comm import TPGroup
@@ -51,28 +54,90 @@ def seeded(seed: int, name: str, shape: tuple[int, ...], kind: str = "normal", s
 def place(param: nn.Parameter, full: torch.Tensor) -> None:
     """Fill `param` with its part (its `shard_spec`, if any) of the full tensor `full`."""
     spec: ShardSpec | None = getattr(param, "shard_spec", None)
-    value = spec.take(full) if spec is not None else full
-    if hasattr(param, "device_mesh"):  # ZeRO-2/3: FSDP2 split the tp shard again over dp along dim 0
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    place_local(param, spec.take(full) if spec is not None else full)
 
-        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        value = value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+def place_local(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Fill `param` with `value`, the whole tensor-parallel shard it is a part of (ZeRO-2/3: its dp part)."""
+    if hasattr(param, "device_mesh"):  # ZeRO-2/3: FSDP2 split the tp shard again over dp along dim 0
+        value = value[dp_slices(param)]
         param = param.to_local()
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
 
 
+def dp_slices(param: torch.Tensor) -> tuple[slice, ...]:
+    """Where a ZeRO-2/3 parameter's (a DTensor's) local part sits in its tensor-parallel shard."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A ZeRO-2/3 parameter (a DTensor) gathered over dp into its tensor-parallel shard (collective over
+    dp); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def apply_peft(chunk: nn.Module, cfg: Config, tp: TPGroup | None) -> None:
-    """Freeze every base parameter of `chunk` and insert the trainable parameters of peft.method."""
+    """Freeze every base parameter of `chunk` and insert the trainable parameters of peft.method. Every
+    forward (pre-)hook the method registers asks the chunk's `AdapterSwitch` (`adapters_off`)."""
     if cfg.peft.method == "none":
         return
     chunk.requires_grad_(False)
     device = next(chunk.parameters()).device
+    switch = None
+    if cfg.peft.method in SWITCHABLE_PEFT:  # not prefix and prompt tuning (their virtual tokens change the sequence)
+        chunk.peft_switch = switch = AdapterSwitch()
+    before = {id(m): (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in chunk.modules()}
     method_module(cfg).apply(chunk, cfg, tp)
+    for m in chunk.modules() if switch is not None else ():  # the method's hooks act only while the switch is on
+        hooks, pre = before.get(id(m), (set(), set()))
+        for key in set(m._forward_hooks) - hooks:
+            m._forward_hooks[key] = _gated(m._forward_hooks[key], switch)
+        for key in set(m._forward_pre_hooks) - pre:
+            m._forward_pre_hooks[key] = _gated(m._forward_pre_hooks[key], switch)
     for p in chunk.parameters():
         if p.requires_grad:
             p.adapter = True  # still known after a frozen copy for inference (interop/load.py fill_model)
     chunk.to(device)
+
+
+class AdapterSwitch:
+    """Whether a chunk's adapters act (`on`). LoRA, DoRA and (IA)^3 act through forward hooks on the base
+    linears, which `apply_peft` gates on it; Houlsby adapters read it themselves. Off, the chunk is its
+    frozen base: the reference of DPO, GRPO and PPO without a second model (TRL's `disable_adapter`)."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+
+def _gated(hook: Callable, switch: AdapterSwitch) -> Callable:
+    """`hook`, doing nothing while `switch` is off (a hook that returns None leaves the input or output)."""
+    @functools.wraps(hook)
+    def gated(*args):  # noqa: ANN002, ANN202 (a forward hook's or pre-hook's arguments)
+        return hook(*args) if switch.on else None
+    return gated
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Inside, `model` (the model or a ModuleList of this rank's pipeline chunks) runs as its frozen base:
+    every chunk's adapters are switched off, on every pipeline stage and tensor-parallel rank alike (each
+    rank switches its own chunks; no collective). Only for the methods of `SWITCHABLE_PEFT`: prefix and
+    prompt tuning change the sequence the model sees, so they have no switch."""
+    switches = [getattr(chunk, "peft_switch", None) for chunk in chunks_of(model)]
+    if any(s is None for s in switches):
+        raise ValueError("adapters_off needs a model whose adapters apply_peft inserted (peft.method lora, dora, "
+                         "ia3 or adapter)")
+    for s in switches:
+        s.on = False
+    try:
+        yield
+    finally:
+        for s in switches:
+            s.on = True
 
 
 def chunks_of(model: nn.Module) -> list[nn.Module]:
@@ -150,9 +215,20 @@ class PeftHook:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.record = base_fingerprint(cfg)
+        self.tp: TPGroup | None = None  # the chunks' tp group: QLoRA quantizes the full weights
 
     def __call__(self, chunk: nn.Module, tp: TPGroup | None) -> None:
+        self.tp = tp
         apply_peft(chunk, self.cfg, tp)
+
+    @property
+    def switchable(self) -> bool:
+        """Whether the adapters can be switched off for a forward (`off`): not prefix or prompt tuning."""
+        return self.cfg.peft.method in SWITCHABLE_PEFT
+
+    def off(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which `model`, built with this hook, runs as its frozen base (`adapters_off`)."""
+        return adapters_off(model)
 
     def check(self, saved: dict, ckpt: object) -> None:
         """A checkpoint's adapters were trained on this run's base (one line otherwise)."""
@@ -172,7 +248,7 @@ class PeftHook:
         if self.cfg.peft.quantize_base == "nf4":
             from megaloom.tune.qlora import quantize_base
 
-            n = sum(quantize_base(chunk) for chunk in chunks_of(model))
+            n = sum(quantize_base(chunk, self.tp) for chunk in chunks_of(model))
             said.append(f"{n} base linears in NF4")
         return ", ".join(said)
 

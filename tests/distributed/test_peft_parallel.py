@@ -2,10 +2,11 @@
 same adapters (PEFT's, nonzero B, loaded into megaloom by PEFT key), fp32. At (t, p) = (2, 1) and
 (1, 2), for tiny Llama (GQA, fused q/k/v and gate/up: one A/B pair per projection) and GPT-2 (Conv1D,
 tied embedding across the two pipeline stages): the loss and every adapter gradient to 1e-5, five
-AdamW steps of megaloom's step to 1e-4; and ZeRO-1 (LoRA and DoRA) and ZeRO-2 (LoRA) over dp = 2 (dp = 1
+AdamW steps of megaloom's step to 1e-4; and ZeRO-1, ZeRO-2 and ZeRO-3 (LoRA and DoRA) over dp = 2 (dp = 1
 is PEFT's single process). Each launch is of two gloo processes; the default suite runs LoRA on Llama and DoRA on
-GPT-2 at tp = 2, pp = 2 and ZeRO-2 (LoRA), the slow test every method and family, ZeRO-1 and ZeRO-3,
-and tp = 2 with sequence parallelism too. (t, p) = (1, 1): tests/unit/test_peft.py."""
+GPT-2 at tp = 2, pp = 2, ZeRO-2 and ZeRO-3 (DoRA's norms need the whole frozen base row: FSDP2 gathers it
+in the block's forward), the slow test every method and family, ZeRO-1 too, and tp = 2 with sequence
+parallelism. (t, p) = (1, 1): tests/unit/test_peft.py."""
 
 import pytest
 
@@ -24,8 +25,6 @@ def _worker(rank, world, dirs, refs, cases, layouts):
     for layout in layouts:
         grid = None
         for kind, method in cases:
-            if layout.get("zero", 0) >= 2 and method == "dora":
-                continue  # DoRA refuses ZeRO-2/3 (megaloom/config.py)
             overrides = sets(dirs[kind], method, FAMILY[kind], **layout)
             if grid is None:  # one grid per layout (every rank creates every group)
                 grid, _ = start(load_config(None, overrides), LaunchEnv(rank, world))
@@ -46,7 +45,8 @@ def _run(tmp_path, cases, layouts=LAYOUTS):
 
 
 def test_lora_llama_and_dora_gpt2_layouts_equal_peft(tmp_path):
-    _run(tmp_path, [("llama-gqa", "lora"), ("gpt2", "dora")], [dict(tp=2), dict(pp=2), dict(dp=2, zero=2)])
+    _run(tmp_path, [("llama-gqa", "lora"), ("gpt2", "dora")], [dict(tp=2), dict(pp=2), dict(dp=2, zero=2),
+                                                               dict(dp=2, zero=3)])
 
 
 @pytest.mark.slow

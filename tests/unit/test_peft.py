@@ -3,7 +3,8 @@ the loss, adapter gradients and five AdamW steps equal PEFT's at (t, p) = (1, 1)
 tests/distributed/test_peft_parallel.py); a LoRA run's checkpoint holds the adapters only, resumes
 exactly and refuses another base; its export loads in PEFT with equal logits, a PEFT-saved adapter
 loads through peft.init with equal logits, merged equals unmerged; an NF4 base computes with torchao's
-dequantised weight; bad [peft] settings stop with one line."""
+dequantised weight; LoRA dropout with full recomputation equals the run without; bad [peft] settings
+stop with one line."""
 
 import json
 import shutil
@@ -16,7 +17,7 @@ from megaloom.config import load_config
 from megaloom.errors import ConfigError
 from megaloom.interop import load_model
 from megaloom.train.checkpoint import latest_checkpoint, saved_keys
-from tests.peft_refs import TOKENS, compare, megaloom_run, peft_model, reference, sets
+from tests.peft_refs import TOKENS, adapter_state, compare, megaloom_run, peft_model, reference, seeded_run, sets
 from tests.tiny_pretrained import make
 
 QUIET = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
@@ -179,13 +180,25 @@ def test_nf4_base_computes_with_torchaos_dequantised_weight(tiny):
     (["peft.method='lora'", "peft.rank=0"], "peft.rank = 0"),
     (["peft.quantize_base='nf4'"], "needs a peft.method"),
     (["peft.method='ia3'", "peft.quantize_base='nf4'"], "needs peft.method lora or dora"),
-    (["peft.method='dora'", "parallel.zero=2", "parallel.dp=2", "train.global_batch=2"], "parallel.zero = 2"),
-    (["peft.method='lora'", "peft.dropout=0.1", "train.recompute='full'"], "train.recompute"),
+    (["peft.method='lora'", "peft.dropout=1.0"], "peft.dropout = 1.0"),
 ])
 def test_bad_peft_settings_are_one_line(sets_, words):
     with pytest.raises(ConfigError, match=words) as e:
         load_config(None, ["model.family='llama'", *sets_])
     assert "\n" not in str(e.value)
+
+
+def test_lora_dropout_with_full_recomputation_equals_without(tiny):
+    """The recomputed blocks replay the adapters' dropout masks (megaloom/model/layers.py Block): with
+    train.recompute = "full" the loss, the adapter gradients and five AdamW steps are those without
+    (tp = 2, and that the masks matter: tests/distributed/test_peft_compose.py)."""
+    base = tiny["llama-gqa"]
+    state = adapter_state(base, "lora")
+    plain = seeded_run(base, "lora", ["peft.dropout=0.1"], state)
+    full = seeded_run(base, "lora", ["peft.dropout=0.1", "train.recompute='full'"], state)
+    d = compare(full, {"losses": plain[0], "grads": plain[1]}, "lora dropout, recompute full vs none")
+    assert d[0] == 0 and d[1] <= 1e-6, f"recomputed dropout masks differ: loss {d[0]}, gradients {d[1]}"
+    print(f"lora dropout 0.1, recompute full vs none: loss {d[0]:.1e}, gradients {d[1]:.1e}, 5 steps {d[2]:.1e}")
 
 
 @pytest.mark.slow
