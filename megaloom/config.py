@@ -713,6 +713,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.powersgd_rank = {p.powersgd_rank} needs parallel.zero 0 or 1 (got {p.zero}) "
                           "and must not be negative; FSDP's reduce-scatter (ZeRO-2/3) is not compressed")
     check_layout(m, layout_spec(cfg))  # the same check as `megaloom simulate` and `megaloom plan`
+    if cfg.peft.quantize_base == "nf4":  # before the model is built and loaded (QLoRA quantizes after loading)
+        from megaloom.tune.nf4_layout import check_nf4_layout  # torch-free
+
+        check_nf4_layout(m, p.tp, p.dp if p.zero >= 2 else 1)
     world = p.tp * p.pp * p.dp
     for key in ("faults.kill_rank", "faults.hang_rank"):
         rank = get_value(cfg, key)

@@ -32,9 +32,10 @@ def sets(directory, method: str, family: str, tp: int = 1, pp: int = 1, dp: int 
             "train.weight_decay=0.1"]
 
 
-def peft_model(directory, cfg: Config, seed: int = 5, base: dict | None = None):
+def peft_model(directory, cfg: Config, seed: int = 5, base: dict | None = None, perturb_magnitudes: bool = True):
     """transformers + PEFT with this run's LoRA config; B (and DoRA's magnitude) made nonzero/perturbed.
-    `base`: Hugging Face tensors that replace the model's own (QLoRA: the NF4-dequantised weights)."""
+    `base`: Hugging Face tensors that replace the model's own (QLoRA: the NF4-dequantised weights).
+    perturb_magnitudes=False keeps DoRA's magnitudes as PEFT initialises them (the base's row norms)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -52,7 +53,7 @@ def peft_model(directory, cfg: Config, seed: int = 5, base: dict | None = None):
         for name, q in model.named_parameters():
             if "lora_B" in name:
                 q.copy_(torch.randn(q.shape, generator=gen) * 0.05)
-            elif "lora_magnitude_vector" in name:
+            elif "lora_magnitude_vector" in name and perturb_magnitudes:
                 q.mul_(1 + 0.1 * torch.randn(q.shape, generator=gen))
     return model
 

@@ -207,6 +207,18 @@ def _dense(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype) if hasattr(w, "get_original_weight") else w
 
 
+def _dense_whole(w: torch.Tensor) -> torch.Tensor:
+    """The base weight's tp shard in fp32 (ZeRO-2/3: gathered over dp, a collective), an NF4 weight
+    (QLoRA) dequantised: each dp rank dequantises its own NF4 rows and the plain values are gathered."""
+    local = w.to_local() if hasattr(w, "to_local") else w
+    if hasattr(w, "device_mesh") and hasattr(local, "get_original_weight"):
+        from torch.distributed.tensor import DTensor
+
+        w = DTensor.from_local(_dense(local, torch.float32), w.device_mesh, w.placements, run_check=False,
+                               shape=w.shape, stride=w.stride())
+    return _dense(whole(w), torch.float32).float()
+
+
 def _hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     return out + module.lora.delta(args[0], out, module.weight).to(out.dtype)
 
@@ -237,9 +249,11 @@ def apply(chunk: nn.Module, cfg: Config, tp: TPGroup | None) -> None:
 @torch.no_grad()
 def from_base(chunk: nn.Module, cfg: Config) -> None:
     """DoRA: each magnitude vector starts as the row norms of W + s·B A (PEFT's update_layer), read
-    from the base once it holds its final (pretrained) weights. Under ZeRO-2/3 the base weight, A and B
-    are gathered over dp first (this rank's tp shard of each, as the forward sees them), and each rank
-    keeps its dp part of the norms; every rank runs the same gathers in the same order."""
+    from the base once it holds its final (pretrained) weights; W dequantised when the base is NF4
+    (QDoRA: `PeftHook.loaded` quantizes first, as PEFT reads a 4-bit base's dequantised weight). Under
+    ZeRO-2/3 the base weight, A and B are gathered over dp first (this rank's tp shard of each, as the
+    forward sees them), and each rank keeps its dp part of the norms; every rank runs the same gathers
+    in the same order."""
     if cfg.peft.method != "dora":
         return
     for block in chunk.layers.values():
@@ -248,7 +262,7 @@ def from_base(chunk: nn.Module, cfg: Config) -> None:
             lora = getattr(linear, "lora", None)
             if lora is None:
                 continue
-            weight = _dense(whole(linear.weight), torch.float32).float()
+            weight = _dense_whole(linear.weight)
             for key, offset, rows in lora.segments:
                 if key is None:
                     continue

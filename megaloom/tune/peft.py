@@ -209,8 +209,8 @@ def check_base(saved: dict, now: dict, ckpt: object) -> None:
 class PeftHook:
     """What the cli hands the training stack for a PEFT run (`adapt=`): called on every model chunk
     before ZeRO wrapping (`apply_peft`); `loaded` runs once the base holds its final weights
-    (pretrained or checkpoint): a fresh run then reads peft.init, initialises DoRA's magnitudes from
-    the base, and every run quantizes the base (peft.quantize_base)."""
+    (pretrained or checkpoint): every run quantizes the base (peft.quantize_base), then a fresh run
+    initialises DoRA's magnitudes from the (dequantised) base and reads peft.init."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -237,6 +237,11 @@ class PeftHook:
     def loaded(self, model: nn.Module, fresh: bool) -> str:
         """`model`: the model or a ModuleList of pipeline chunks. Returns what was done, for the console."""
         mod, said = method_module(self.cfg), []
+        if self.cfg.peft.quantize_base == "nf4":  # first: QDoRA's magnitudes are the dequantised base's norms (PEFT)
+            from megaloom.tune.qlora import quantize_base
+
+            n = sum(quantize_base(chunk, self.tp) for chunk in chunks_of(model))
+            said.append(f"{n} base linears in NF4")
         if fresh:
             ready = getattr(mod, "from_base", None)
             if ready is not None:  # DoRA: magnitudes = the base weights' norms
@@ -245,11 +250,6 @@ class PeftHook:
             if self.cfg.peft.init:
                 load_adapter(model, self.cfg, self.cfg.peft.init)
                 said.append(f"adapters of {self.cfg.peft.init}")
-        if self.cfg.peft.quantize_base == "nf4":
-            from megaloom.tune.qlora import quantize_base
-
-            n = sum(quantize_base(chunk, self.tp) for chunk in chunks_of(model))
-            said.append(f"{n} base linears in NF4")
         return ", ".join(said)
 
 

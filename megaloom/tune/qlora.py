@@ -27,9 +27,10 @@ from torch import nn
 from megaloom.errors import ConfigError
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.shard import ShardSpec
+from megaloom.tune.nf4_layout import BLOCK, check_site, numel_message
 from megaloom.tune.peft import dp_slices, whole
 
-BLOCK, SCALER_BLOCK = 64, 256  # QLoRA's and torchao's defaults
+SCALER_BLOCK = 256  # torchao's default (BLOCK, 64: nf4_layout.py)
 SITES = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 
 
@@ -45,8 +46,7 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
 
     n = weight.numel()
     if n % BLOCK:
-        raise ConfigError(f"peft.quantize_base = \"nf4\" quantizes blocks of {BLOCK} weights, but a base weight of "
-                          f"shape {tuple(weight.shape)} has {n} elements; use model sizes that are multiples of 64")
+        raise ConfigError(numel_message(tuple(weight.shape)))
     return torchao_nf4(weight.detach().contiguous(), BLOCK, scaler_block(n // BLOCK))
 
 
@@ -92,29 +92,23 @@ def _replace(block: nn.Module, linear: nn.Module, w: torch.Tensor, nf4: torch.Te
     """Hold this rank's part of `nf4` (the whole weight) in place of `w`: its tp shard (`spec`), and
     under ZeRO-2/3 (`w` a DTensor) its dp rows of that, swapped into FSDP2's parameter of `block`."""
     out_f, in_f = nf4.shape
+    dp = w.device_mesh.size() if hasattr(w, "device_mesh") else 1
+    # the rules, and their one-line errors, as config validation checks them before the model is built
+    check_site(site, out_f, in_f, spec.dim if spec else 0, spec.blocks if spec else (out_f,), spec.size if spec else 1,
+               dp)
     rows, cols = torch.arange(out_f), torch.arange(in_f)
     if spec is not None:  # a 1-D spec over the split dim: which rows (column-parallel) or columns it keeps
         one = ShardSpec((spec.full_shape[spec.dim],), 0, spec.blocks, spec.rank, spec.size)
-        if any(one.real(b) != one.extent(b) for b in spec.blocks):
-            raise ConfigError(f"peft.quantize_base = \"nf4\": parallel.tp = {spec.size} does not divide {site}'s "
-                              f"blocks {spec.blocks} evenly; pick a tp that divides them")
         rows, cols = (one.take(rows), cols) if spec.dim == 0 else (rows, one.take(cols))
-    dp = w.device_mesh.size() if hasattr(w, "device_mesh") else 1
     width, n = len(cols), len(rows) * len(cols) // BLOCK
     # the part's k-th block of 64 must be one block of the whole tensor: its first and last elements
     # 63 apart (rows and columns only grow along the part) and the first at a multiple of 64
     first = torch.arange(n) * BLOCK
     at = rows[first // width] * in_f + cols[first % width]
     last = rows[(first + BLOCK - 1) // width] * in_f + cols[(first + BLOCK - 1) % width]
-    if (len(rows) * width) % BLOCK or bool((at % BLOCK).any()) or not torch.equal(last - at, torch.full_like(at, BLOCK - 1)):
-        raise ConfigError(f"peft.quantize_base = \"nf4\" with parallel.tp = {spec.size if spec else 1}: a rank holds "
-                          f"{len(rows)} x {width} of {site}'s {out_f} x {in_f} weight, which cuts NF4's blocks of "
-                          f"{BLOCK}; use model sizes whose per-rank share of every layer's inputs is a multiple of "
-                          f"{BLOCK}")
-    if len(rows) % dp or (len(rows) // dp * width) % BLOCK:
-        raise ConfigError(f"peft.quantize_base = \"nf4\" with parallel.zero 2/3 splits {site}'s {len(rows)} rows "
-                          f"(per tp rank) over parallel.dp = {dp}; NF4 parts must be even and of whole blocks of "
-                          f"{BLOCK}: pick a dp that divides {len(rows)}")
+    if bool((at % BLOCK).any()) or not torch.equal(last - at, torch.full_like(at, BLOCK - 1)):
+        raise RuntimeError(f"{site}: this rank's part of the NF4 weight is not whole blocks, yet nf4_layout's "
+                           "check let it pass")  # what `_part` relies on
     blocks = at // BLOCK
     g = _run(blocks, nf4.scaler_block_size, n // dp)
     if not hasattr(w, "device_mesh"):

@@ -9,7 +9,8 @@ against the single-process run, fp32, in one launch of two gloo processes:
   a tp rank's share of a row-parallel layer's inputs is whole NF4 blocks of 64; the 64-wide one stops
   with one line at tp = 2.
 - DoRA's magnitudes initialised from the base under ZeRO-3 (FSDP2 holds dp parts of W, A, B) equal the
-  single process's.
+  single process's; QDoRA's (from the dequantised NF4 base, as PEFT: tests/unit/test_peft.py) at tp = 2
+  and under ZeRO-3 too.
 - LoRA dropout with full recomputation at tp = 2 equals the single process without recomputation (the
   recomputed blocks replay the adapters' masks; slow: with sequence parallelism too). tp = 1:
   tests/unit/test_peft.py.
@@ -100,7 +101,8 @@ def _worker(rank, world, dirs, refs, slow):
         methods = ["lora", "dora"] if slow and layout in (dict(tp=2), dict(dp=2, zero=3)) else ["lora"]
         _check_qlora(rank, world, dirs, refs, layout, methods, grid)
         if layout == dict(tp=2):
-            with pytest.raises(ConfigError, match="cuts NF4's blocks of 64"):  # o_proj: 32 of 64 inputs a rank
+            # o_proj: 32 of 64 inputs a rank; load_config stops it, before a model is built
+            with pytest.raises(ConfigError, match="cuts NF4's blocks of 64"):
                 seeded_run(dirs["narrow"], "lora", QLORA, refs["narrow_state"], grid=grid, tp=2)
             for seq in [False, True] if slow else [False]:
                 ours = seeded_run(dirs["wide"], "lora", [*DROPOUT, "train.recompute='full'"], refs["lora", "state"],
@@ -115,15 +117,22 @@ def _worker(rank, world, dirs, refs, slow):
             assert got.keys() == refs["magnitudes"].keys() and diff <= 1e-6, f"DoRA magnitudes under ZeRO-3: {diff}"
             if rank == world - 1:
                 print(f"dora magnitudes from the base, ZeRO-3 vs one process: {diff:.1e}")
+        if layout in (dict(tp=2), dict(dp=2, zero=3)):  # QDoRA: from the dequantised NF4 base
+            got = _magnitudes(dirs["wide"], [*sets(dirs["wide"], "dora", "llama", **layout), *QLORA], grid)
+            diff = max((got[k] - refs["qdora_magnitudes"][k]).abs().max().item() for k in got)
+            assert got.keys() == refs["qdora_magnitudes"].keys() and diff <= 1e-6, f"QDoRA magnitudes {layout}: {diff}"
+            if rank == world - 1:
+                print(f"qdora magnitudes from the NF4 base, {layout} vs one process: {diff:.1e}")
 
 
 def _worker_tp_zero3(rank, world, dirs, refs):
     layout = dict(tp=2, dp=2, zero=3)
     grid, _ = start(load_config(None, sets(dirs["wide"], "lora", "llama", **layout)), LaunchEnv(rank, world))
     _check_qlora(rank, world, dirs, refs, layout, ["lora", "dora"], grid)
-    got = _magnitudes(dirs["wide"], sets(dirs["wide"], "dora", "llama", **layout), grid)
-    diff = max((got[k] - refs["magnitudes"][k]).abs().max().item() for k in got)
-    assert diff <= 1e-6, f"DoRA magnitudes at tp = 2 under ZeRO-3: {diff}"
+    for extra, want in (([], "magnitudes"), (QLORA, "qdora_magnitudes")):
+        got = _magnitudes(dirs["wide"], [*sets(dirs["wide"], "dora", "llama", **layout), *extra], grid)
+        diff = max((got[k] - refs[want][k]).abs().max().item() for k in got)
+        assert diff <= 1e-6, f"DoRA {extra} magnitudes at tp = 2 under ZeRO-3: {diff}"
 
 
 def _refs(tmp_path, slow):
@@ -143,6 +152,9 @@ def _refs(tmp_path, slow):
     assert d > 1e-4, f"LoRA dropout 0.1 changes the adapter gradients by {d} only: are masks drawn?"
     refs["dropout"] = {"losses": ours[0], "grads": ours[1]}
     refs["magnitudes"] = _magnitudes(wide, sets(wide, "dora", "llama"), grid)
+    refs["qdora_magnitudes"] = _magnitudes(wide, [*sets(wide, "dora", "llama"), *QLORA], grid)
+    d = max((refs["qdora_magnitudes"][k] - refs["magnitudes"][k]).abs().max().item() for k in refs["magnitudes"])
+    assert d > 1e-4, f"QDoRA's magnitudes differ from the full-precision base's by {d} only"
     return {"wide": wide, "narrow": narrow}, refs
 
 

@@ -6,6 +6,7 @@ loads through peft.init with equal logits, merged equals unmerged; an NF4 base c
 dequantised weight; LoRA dropout with full recomputation equals the run without; bad [peft] settings
 stop with one line."""
 
+import itertools
 import json
 import shutil
 
@@ -221,3 +222,112 @@ def test_qlora_equals_peft_on_the_nf4_dequantised_base(tiny):
     assert all(torch.equal(ref["state"][k], v) for k, v in first["state"].items())
     d = compare(ours, ref, "qlora")
     print(f"peft parity qlora llama-gqa: loss {d[0]:.1e}, gradients {d[1]:.1e}, 5 AdamW steps {d[2]:.1e}")
+
+
+def test_qdora_magnitudes_are_the_dequantised_bases_as_in_peft(tiny):
+    """QDoRA (DoRA on an NF4 base): the magnitudes start from the *dequantised* base's row norms, as PEFT's
+    update_layer reads a 4-bit base (dequantize_module_weight), not the full-precision ones: they equal
+    PEFT's DoRA on transformers holding megaloom's dequantised base, and so do the loss and the adapter
+    gradients with them (A and B PEFT's, B nonzero)."""
+    from megaloom.interop.export import hf_state
+    from megaloom.tune.peft import PeftHook, from_peft, peft_names, place
+    from tests.peft_refs import _peft_key, peft_loss, peft_model
+
+    base = tiny["llama-gqa"]
+    overrides = sets(base, "dora", "llama")
+
+    def built(*extra):
+        cfg = load_config(None, [*overrides, *extra])
+        model, _, _ = load_model(base)
+        hook = PeftHook(cfg)
+        hook(model, None)
+        hook.loaded(model, fresh=True)
+        return model, cfg
+
+    model, cfg = built("peft.quantize_base='nf4'")
+    full_precision, _ = built()
+    assert hasattr(model.layers["0"].mlp.down.weight, "get_original_weight")
+    dense = {n: (p.get_original_weight() if hasattr(p, "get_original_weight") else p).detach()
+             for n, p in model.named_parameters() if ".lora." not in n}
+    theirs = peft_model(base, cfg, base=hf_state(cfg.model, dense), perturb_magnitudes=False)
+    state = {_peft_key(n): q for n, q in theirs.named_parameters() if q.requires_grad}
+    params, fp = dict(model.named_parameters()), dict(full_precision.named_parameters())
+    names = peft_names(model, cfg)
+    mags = [(n, key) for n, (key, _) in names.items() if n.endswith(".magnitude")]
+    assert len(mags) == 2 * 7  # every targeted projection of both layers
+    d_mag = max((params[n] - from_peft(cfg, n, state[k])).abs().max().item() for n, k in mags)
+    d_fp = max((params[n] - fp[n]).abs().max().item() for n, _ in mags)
+    assert d_mag <= 1e-6, f"QDoRA magnitudes differ from PEFT's on the dequantised base by {d_mag}"
+    assert d_fp > 1e-4, f"the NF4 base's row norms differ from the full-precision ones by only {d_fp}"
+    with torch.no_grad():  # PEFT's A and B (nonzero); the magnitudes stay megaloom's own
+        for n, (key, _) in names.items():
+            if not n.endswith(".magnitude"):
+                place(params[n], from_peft(cfg, n, state[key]))
+    ours = model(TOKENS[:, :32], TOKENS[:, 1:33])
+    ours.backward()
+    ref = peft_loss(theirs, TOKENS[:, :33])
+    ref.backward()
+    d_loss = abs(ours.item() - ref.item())
+    d_grad = max((params[n].grad - from_peft(cfg, n, state[key].grad)).abs().max().item() for n, (key, _) in names.items())
+    assert d_loss <= 1e-6 and d_grad <= 1e-6, f"QDoRA vs PEFT on the dequantised base: loss {d_loss}, gradients {d_grad}"
+    print(f"qdora magnitudes vs PEFT on the dequantised base {d_mag:.1e} (vs full precision {d_fp:.1e}); loss "
+          f"{d_loss:.1e}, gradients {d_grad:.1e}")
+
+
+@pytest.mark.parametrize("sets_, words", [
+    (["model.hidden=64", "model.heads=4", "parallel.tp=2"],  # o_proj: 32 of 64 inputs a rank
+     "with parallel.tp = 2: a rank holds 64 x 32 of attn.proj's 64 x 64 weight, which cuts NF4's blocks of 64"),
+    (["model.hidden=128", "model.heads=4", "model.ffn_hidden=96", "parallel.tp=2"],  # down_proj: 48 of 96
+     "a rank holds 128 x 48 of mlp.down's 128 x 96 weight, which cuts NF4's blocks of 64"),
+    (["model.hidden=128", "model.heads=4", "model.ffn_hidden=129", "parallel.tp=2"],
+     r"parallel.tp = 2 does not divide mlp.up's blocks \(129, 129\) evenly"),
+    (["model.hidden=36", "model.heads=2"], r"a base weight of shape \(108, 36\) has 3888 elements"),
+    (["model.hidden=64", "model.heads=4", "parallel.zero=3", "parallel.dp=3", "train.global_batch=3",
+      "train.micro_batch=1"], "splits attn.proj's 64 rows \\(per tp rank\\) over parallel.dp = 3"),
+])
+def test_nf4_layout_stops_at_config_loading(sets_, words):
+    """The NF4 base's layout rules (megaloom/tune/nf4_layout.py, the ones qlora.py quantizes by) stop
+    `load_config` with one line, before any model is built or loaded."""
+    with pytest.raises(ConfigError, match=words) as e:
+        load_config(None, ["model.family='llama'", "model.layers=2", "peft.method='lora'",
+                           "peft.quantize_base='nf4'", *sets_])
+    assert "\n" not in str(e.value)
+    load_config(None, ["model.family='llama'", "model.layers=2", "peft.method='lora'", *sets_])  # fine without NF4
+
+
+def test_nf4_layout_from_a_pretrained_model_stops_train_in_one_line(tiny, tmp_path, capsys):
+    """`megaloom train` on the 64-wide tiny Llama at tp = 2 with an NF4 base: one line, nothing started
+    (no run directory)."""
+    args = [f"model.pretrained='{tiny['llama-gqa']}'", "peft.method='dora'", "peft.quantize_base='nf4'",
+            "parallel.tp=2", *QUIET]
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *[a for s in args for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cuts NF4's blocks of 64" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_nf4_layout_rules_equal_the_index_arithmetic():
+    """nf4_layout's per-run rule for "a tp rank's part is whole NF4 blocks" agrees, on every rank, with
+    the index check it stands for (each block of 64 of the part's row-major elements is one block of the
+    whole weight: first element at a multiple of 64, last 63 after it)."""
+    from megaloom.config import ModelConfig
+    from megaloom.parallel.shard import ShardSpec
+    from megaloom.tune.nf4_layout import BLOCK, _runs, _whole_blocks, site_shapes
+
+    seen = set()
+    shapes = [(4, 2, 64, 96, "llama"), (4, 4, 128, 128, "llama"), (6, 2, 96, 160, "llama"), (4, 4, 40, 160, "gpt2"),
+              (8, 2, 256, 320, "llama"), (2, 1, 24, 48, "llama")]
+    for (heads, kv, hidden, ffn, family), tp in itertools.product(shapes, (1, 2, 4)):
+        m = ModelConfig(family=family, heads=heads, kv_heads=kv, hidden=hidden, ffn_hidden=ffn)
+        for site, out_f, in_f, dim, blocks in site_shapes(m):
+            if any(b % tp for b in blocks):
+                continue
+            for rank in range(tp):
+                idx = torch.arange(out_f * in_f).view(out_f, in_f)
+                part = ShardSpec((out_f, in_f), dim, blocks, rank, tp).take(idx).reshape(-1)
+                whole = len(part) % BLOCK == 0 and bool((part[::BLOCK] % BLOCK == 0).all()) and torch.equal(
+                    part.view(-1, BLOCK)[:, -1] - part.view(-1, BLOCK)[:, 0],
+                    torch.full((len(part) // BLOCK,), BLOCK - 1))
+                assert _whole_blocks(_runs(out_f, in_f, dim, blocks, tp, rank)) == whole, (m, site, tp, rank)
+                seen.add((dim, whole))
+    assert len(seen) == 4  # column- and row-parallel parts, whole and cut
