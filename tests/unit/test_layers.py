@@ -21,8 +21,11 @@ ALLOWED = {
     "megaloom.precision": set(),
     # model.pretrained: the config reads a pretrained model's shape through interop.hparams, which itself
     # imports nothing of megaloom but the bottom modules (weights are read from interop's upper modules)
-    "megaloom.config": BOTTOM | {"megaloom.interop.hparams"},
+    "megaloom.config": BOTTOM | {"megaloom.interop.hparams", "megaloom.tune.nf4_layout"},
     "megaloom.interop.hparams": BOTTOM,
+    # the config checks QLoRA's layout rules on the model's shape before anything is built; the rules are
+    # torch-free and read the config's types only for annotations
+    "megaloom.tune.nf4_layout": BOTTOM | {"megaloom.config"},
     "megaloom.parallel": BOTTOM | {"megaloom.config"},
     "megaloom.model": BOTTOM | {"megaloom.config", "megaloom.parallel"},
     "megaloom.data": BOTTOM | {"megaloom.config"},
