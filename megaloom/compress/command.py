@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,11 +67,16 @@ def _say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------ quantize
 
 
-def quantize_command(args: argparse.Namespace) -> int:
+def quantize_command(args: argparse.Namespace, merge_adapters: Callable[[nn.Module], None] | None = None) -> int:
+    """`merge_adapters(model)`: folds a LoRA run's adapters into its base (`megaloom.tune.lora.merge`, handed
+    in by the cli: tune sits beside compress, not below it); used by --from-qat."""
     from megaloom.compress.gptq import gptq, int4_tensor
     from megaloom.compress.store import save_quantized
 
-    scheme = QuantScheme.parse(args.method, args.group_size)
+    if not args.from_qat and not args.method:
+        raise ConfigError("--method is required (int8-weight, int8-dynamic, int4-weight, int8-dynamic-act-int4-weight "
+                          "or gptq), unless MODEL is a [qat] run converted with --from-qat")
+    scheme = None if args.from_qat else QuantScheme.parse(args.method, args.group_size)
     keep = [k.strip() for k in args.keep_high_precision.split(",") if k.strip()]
     unknown = sorted(set(keep) - set(HIGH_PRECISION))
     if unknown:
@@ -81,7 +87,11 @@ def quantize_command(args: argparse.Namespace) -> int:
                           "is not supported yet; pass --keep-high-precision embedding,head")
     out = Path(args.output)
     _check_out(out)
-    model, tokenizer, cfg = _load(args.model)
+    if args.from_qat:
+        model, tokenizer, cfg, scheme, qat = _qat_model(args, merge_adapters)
+    else:
+        model, tokenizer, cfg = _load(args.model)
+        qat = None
     check_scheme(model, scheme)
     start = time.perf_counter()
     calib = None
@@ -104,7 +114,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     full = [n for n, p in model.named_parameters() if not hasattr(p, "qdata")]
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     record = {**scheme.record(), "source": str(args.model), "high_precision": full, "calibration": calib,
-              "torchao_config": type(scheme.torchao_config()).__name__}
+              "torchao_config": type(scheme.torchao_config()).__name__, "from_qat": qat}
     save_quantized(model, cfg, tokenizer, out, record)
     size = dir_bytes(out)
     print(f"wrote {out}: {len(names)} linears quantized ({scheme.method.value}"
@@ -112,6 +122,32 @@ def quantize_command(args: argparse.Namespace) -> int:
           f"{size / 1e6:.1f} MB on disk (the fp32 parameters: {fp32_bytes / 1e6:.1f} MB)")
     print(f"high precision: {len(full)} tensors ({', '.join(_summarise(full))})")
     return 0
+
+
+def _qat_model(args: argparse.Namespace, merge_adapters: Callable[[nn.Module], None] | None):  # noqa: ANN202
+    """`--from-qat`: the run's model in one process with its LoRA adapters merged into the base (W + s B A,
+    what the fake-quantized forward's weights become), the run's [qat] scheme (a --method or --group-size
+    given too must be the run's), and what to record; the config written beside the quantized model has
+    neither [peft] nor [qat] any more (the adapters are in the weights, the weights are quantized)."""
+    from megaloom.compress.qat import qat_scheme
+    from megaloom.config import PeftConfig, QATConfig
+
+    model, tokenizer, cfg = _load(args.model)
+    if cfg.qat.scheme == "none":
+        raise ConfigError(f"--from-qat: '{args.model}' was not trained with quantization-aware training (its config "
+                          "has qat.scheme = \"none\"); quantize it with --method instead")
+    scheme = qat_scheme(cfg)
+    if (args.method and args.method != scheme.method.value) or (args.group_size and args.group_size != scheme.group_size):
+        raise ConfigError(f"--from-qat: '{args.model}' trained with qat.scheme = \"{scheme.method.value}\", group size "
+                          f"{scheme.group_size}; leave --method and --group-size out (or give those)")
+    merged = cfg.peft.method == "lora"
+    if merged:
+        if merge_adapters is None:
+            raise ValueError("--from-qat of a LoRA run needs merge_adapters (megaloom.tune.lora.merge)")
+        merge_adapters(model)
+    record = {"scheme": scheme.method.value, "group_size": scheme.group_size, "lora_merged": merged}
+    cfg.peft, cfg.qat = PeftConfig(), QATConfig()
+    return model, tokenizer, cfg, scheme, record
 
 
 def _summarise(names: list[str]) -> list[str]:
@@ -161,7 +197,7 @@ def prune_command(args: argparse.Namespace) -> int:
                     w.copy_(new)
                 masks[f"layers.{layer}.{path}.weight"] = mask
 
-        blockwise(model, windows, visit, args.batch_size, _say)
+        blockwise(model, windows, visit, args.batch_size, _say, diagonal=args.method == "wanda")
     seconds = time.perf_counter() - start
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())

@@ -46,38 +46,38 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float = 0.01, 
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of `w` (rows, cols) to symmetric int4 with one scale per group of `group_size` columns.
     Returns (qdata int8 (rows, cols) in -8..7, scale (rows, cols/group), zero_point int8 (same)), the
-    fields of torchao's IntxUnpackedToInt8Tensor with block size (1, group_size)."""
-    from torchao.quantization.quant_primitives import dequantize_affine, quantize_affine
+    fields of torchao's IntxUnpackedToInt8Tensor with block size (1, group_size).
 
+    Each block is worked on transposed (`wt`, block columns as contiguous rows), so that a column's
+    rounding and its rank-1 update of the block's later columns are a few whole-tensor ops each."""
     rows, cols = w.shape
     if cols % group_size:
         raise ValueError(f"group size {group_size} does not divide the {cols} input features")
     dtype = w.dtype
     work = w.detach().clone().double()
     u = inverse_cholesky(h, work, damp)
-    qdata = torch.empty(rows, cols, dtype=torch.int8)
+    qt = torch.empty(cols, rows, dtype=torch.int8)
     scales, zeros = [], []
-    scale = zero = None
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb = work[:, b0:b1]  # a view: updated in place, column by column
-        err = torch.zeros_like(wb)
+        wt = work[:, b0:b1].T.contiguous()  # (block, rows), updated in place, column by column
+        err = torch.empty_like(wt)
         for j in range(b1 - b0):
             c = b0 + j
             if c % group_size == 0:  # the group's weights as updated so far (they may run past this block)
-                current = torch.cat([wb[:, j:], work[:, b1:c + group_size]], dim=1)[:, :group_size]
+                current = torch.cat([wt[j:].T, work[:, b1:c + group_size]], dim=1)[:, :group_size]
                 scale, zero = int4_qparams(current.to(dtype))
                 scales.append(scale)
                 zeros.append(zero)
-            col = wb[:, j:j + 1].to(dtype)
-            q = quantize_affine(col, (1, 1), scale, zero, torch.int8, -8, 7)
-            qdata[:, c] = q[:, 0]
-            deq = dequantize_affine(q, (1, 1), scale, zero, torch.int8, -8, 7, output_dtype=dtype).double()
-            e = (wb[:, j] - deq[:, 0]) / u[c, c]
-            wb[:, j:] -= e[:, None] * u[c, c:b1][None, :]
-            err[:, j] = e
-        work[:, b1:] -= err @ u[b0:b1, b1:]  # the block's lazy update of every later column
-    return qdata, torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+                inv, zf, sc = 1.0 / scale[:, 0], zero[:, 0].to(dtype), scale[:, 0]
+            # torchao's quantize_affine and dequantize_affine for one column, op for op (bit-identical)
+            q = torch.clamp(torch.round(wt[j].to(dtype) * inv) + zf, -8, 7)
+            qt[c] = q.to(torch.int8)
+            e = (wt[j] - ((q - zf) * sc).double()) / u[c, c]
+            wt[j:] -= u[c, c:b1][:, None] * e[None, :]
+            err[j] = e
+        work[:, b1:] -= err.T.contiguous() @ u[b0:b1, b1:]  # the block's lazy update of every later column
+    return qt.T.contiguous(), torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 
 def int4_tensor(qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,

@@ -58,20 +58,26 @@ def calibration_windows(tokenizer: Tokenizer, files: list[str], samples: int, le
 
 
 class Grams:
-    """X^T X of the inputs of some linears, accumulated in float64 by forward pre-hooks."""
+    """X^T X of the inputs of some linears, accumulated in float64 by forward pre-hooks; with
+    `diagonal`, only its diagonal (the squared input norms, all Wanda reads: d values, not d x d)."""
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module], diagonal: bool = False):
         self.h: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        self.diagonal = diagonal
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             if name not in self.h:
-                self.h[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                shape = (x.shape[1],) if self.diagonal else (x.shape[1], x.shape[1])
+                self.h[name] = torch.zeros(shape, dtype=torch.float64, device=x.device)
                 self.rows[name] = 0
-            self.h[name].addmm_(x.T, x)
+            if self.diagonal:
+                self.h[name] += x.square().sum(dim=0)
+            else:
+                self.h[name].addmm_(x.T, x)
             self.rows[name] += x.shape[0]
         return hook
 
@@ -85,14 +91,16 @@ Visit = Callable[[int, nn.Module, dict[str, torch.Tensor]], None]
 
 @torch.no_grad()
 def blockwise(model: Transformer, tokens: torch.Tensor, visit: Visit, batch: int = 8,
-              progress: Callable[[str], None] | None = None) -> None:
+              progress: Callable[[str], None] | None = None, diagonal: bool = False) -> None:
     """Run the calibration `tokens` (N, L) through `model` (one process, whole) block by block; for
     each block call `visit(layer, block, grams)` with `grams` = {"attn.qkv": H, ...} (float64) of the
-    block's four linears, then recompute the block's outputs with whatever `visit` changed."""
+    block's four linears (with `diagonal`, H's diagonal only), then recompute the block's outputs with
+    whatever `visit` changed. Each block runs twice over the calibration states (once to gather H,
+    once compressed), never the blocks before it."""
     rope = model.rope
     x = torch.cat([model.embed(t) for t in tokens.split(batch)])
     for i, block in model.layers.items():
-        grams = Grams({path: block.get_submodule(path) for path in LINEARS})
+        grams = Grams({path: block.get_submodule(path) for path in LINEARS}, diagonal)
         try:
             for xb in x.split(batch):
                 block(xb, rope)

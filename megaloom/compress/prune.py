@@ -63,11 +63,15 @@ class Sparsity:
 
 
 def _lowest(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask with the k lowest scores of each row of `score` removed (stable order on ties)."""
-    keep = torch.ones_like(score, dtype=torch.bool)
-    if k > 0:
-        keep.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], False)
-    return keep
+    """Keep-mask with the k lowest scores of each row of `score` removed (stable order on ties: the
+    first k of a stable sort). A selection, not a sort: everything below the k-th value goes, and of
+    the entries equal to it the first ones in index order (2-7x faster than sorting 400k scores)."""
+    if k == 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=1, keepdim=True).values
+    below, tied = score < kth, score == kth
+    need = k - below.sum(dim=1, keepdim=True)
+    return ~(below | (tied & (tied.cumsum(dim=1) <= need)))
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -84,8 +88,10 @@ def magnitude_mask(w: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
 
 
 def wanda_score(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """|W_ij| * ||X_j||_2, the input norms being the square roots of H's diagonal."""
-    return w.abs().double() * h.diagonal().double().sqrt()[None, :]
+    """|W_ij| * ||X_j||_2, the input norms being the square roots of H's diagonal (`h` is H, or only
+    its diagonal, the squared input norms, as `blockwise(..., diagonal=True)` gathers them)."""
+    norms2 = h.diagonal() if h.dim() == 2 else h
+    return w.abs().double() * norms2.double().sqrt()[None, :]
 
 
 def wanda_mask(w: torch.Tensor, h: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
@@ -97,28 +103,31 @@ def wanda_mask(w: torch.Tensor, h: torch.Tensor, sparsity: Sparsity) -> torch.Te
 
 def sparsegpt(w: torch.Tensor, h: torch.Tensor, sparsity: Sparsity, damp: float = 0.01, block: int = 128,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT of `w` (rows, cols) with inputs' Gram matrix `h`: (updated weights in w's dtype, keep-mask)."""
+    """SparseGPT of `w` (rows, cols) with inputs' Gram matrix `h`: (updated weights in w's dtype, keep-mask).
+    Each block is worked on transposed (block columns as contiguous rows), as in gptq.py."""
     rows, cols = w.shape
     work = w.detach().clone().double()
     u = inverse_cholesky(h, work, damp)
     keep = torch.ones(rows, cols, dtype=torch.bool)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb = work[:, b0:b1]
-        err = torch.zeros_like(wb)
         d = u.diagonal()[b0:b1]
-        kb = keep[:, b0:b1]
-        if not sparsity.structured:  # adaptive mask selection over the whole block
-            score = (wb ** 2 / d[None, :] ** 2).reshape(1, -1)
-            kb.copy_(_lowest(score, int(score.numel() * sparsity.fraction)).reshape(rows, b1 - b0))
+        if not sparsity.structured:  # adaptive mask selection over the whole block (ties in row-major order)
+            score = (work[:, b0:b1] ** 2 / d[None, :] ** 2).reshape(1, -1)
+            keep[:, b0:b1] = _lowest(score, int(score.numel() * sparsity.fraction)).reshape(rows, b1 - b0)
+        wt = work[:, b0:b1].T.contiguous()  # (block, rows), updated in place, column by column
+        kt = keep[:, b0:b1].T.contiguous()
+        err = torch.empty_like(wt)
         for j in range(b1 - b0):
             c = b0 + j
             if sparsity.structured and j % sparsity.m == 0:  # the next M columns, as updated so far
-                score = wb[:, j:j + sparsity.m] ** 2 / d[None, j:j + sparsity.m] ** 2
-                kb[:, j:j + sparsity.m] = _lowest(score, sparsity.n)
-            e = wb[:, j] * (~kb[:, j]) / u[c, c]  # a kept weight has no error; a pruned one all of it
-            wb[:, j:] -= e[:, None] * u[c, c:b1][None, :]
-            wb[:, j] *= kb[:, j]
-            err[:, j] = e
-        work[:, b1:] -= err @ u[b0:b1, b1:]
+                score = wt[j:j + sparsity.m].T ** 2 / d[None, j:j + sparsity.m] ** 2
+                kt[j:j + sparsity.m] = _lowest(score, sparsity.n).T
+            e = wt[j] * (~kt[j]) / u[c, c]  # a kept weight has no error; a pruned one all of it
+            wt[j:] -= u[c, c:b1][:, None] * e[None, :]
+            wt[j] *= kt[j]
+            err[j] = e
+        work[:, b0:b1] = wt.T
+        keep[:, b0:b1] = kt.T
+        work[:, b1:] -= err.T.contiguous() @ u[b0:b1, b1:]
     return (work * keep).to(w.dtype), keep

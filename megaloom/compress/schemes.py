@@ -7,6 +7,12 @@ mslk kernels (plain, preshuffled), and plain_int32 has no CPU support. int4 weig
 IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g)): symmetric int4 values
 (-8..7) with one scale per group of g input features, held unpacked in int8 by torchao
 (IntxUnpackedToInt8Tensor) and computed by dequantising; megaloom packs two values per byte on disk.
+int8-dynamic-act-int4-weight is the same int4 weight with int8 activations, asymmetric per token at run
+time (Int8DynamicActivationIntxWeightConfig, also CPU-ready).
+
+Quantization-aware training ([qat], compress/qat.py) names the same schemes: `fake_quantize_configs`
+gives the torchao fake-quantization configs whose forward equals the quantized model's (same scales
+and zero points; tests/unit/test_qat.py).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ class Method(enum.Enum):
     INT8_WEIGHT = "int8-weight"
     INT8_DYNAMIC = "int8-dynamic"
     INT4_WEIGHT = "int4-weight"
+    INT8_DYNAMIC_INT4 = "int8-dynamic-act-int4-weight"
     GPTQ = "gptq"
 
 
@@ -48,7 +55,7 @@ class QuantScheme:
         if m is Method.INT8_DYNAMIC and group_size is not None:
             raise ConfigError(f"--method int8-dynamic takes no --group-size ({group_size}): torchao 0.18 scales its "
                               "weights per row (its activations are quantized per token); leave --group-size out")
-        if m in (Method.INT4_WEIGHT, Method.GPTQ) and group_size is None:
+        if m in (Method.INT4_WEIGHT, Method.INT8_DYNAMIC_INT4, Method.GPTQ) and group_size is None:
             group_size = DEFAULT_INT4_GROUP
         return QuantScheme(m, group_size)
 
@@ -73,7 +80,30 @@ class QuantScheme:
             return Int8WeightOnlyConfig(granularity=granularity)
         if self.method is Method.INT8_DYNAMIC:
             return Int8DynamicActivationInt8WeightConfig(granularity=granularity)
+        if self.method is Method.INT8_DYNAMIC_INT4:
+            from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+
+            return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                         weight_granularity=PerGroup(self.group_size))
         return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(self.group_size))
+
+    def fake_quantize_configs(self):  # noqa: ANN201 (torchao FakeQuantizeConfigBase | None, twice)
+        """(activation, weight) torchao QAT configs whose fake quantization equals this scheme's
+        quantization: torchao's own inference from the PTQ config (what `QATConfig(base_config)`
+        prepares) where it has one; int8-weight has none in torchao 0.18, and its
+        IntxFakeQuantizeConfig here (symmetric int8, per row or per group) gives Int8Tensor's
+        scales bit for bit."""
+        import torch
+        from torchao.quantization import PerAxis, PerGroup
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+        if self.method is Method.INT8_WEIGHT:
+            granularity = PerAxis(0) if self.group_size is None else PerGroup(self.group_size)
+            return None, IntxFakeQuantizeConfig(torch.int8, granularity=granularity, is_symmetric=True)
+        if self.method in (Method.INT4_WEIGHT, Method.INT8_DYNAMIC_INT4):
+            return _infer_fake_quantize_configs(self.torchao_config())
+        raise ValueError(f"{self.method.value} has no quantization-aware training in megaloom")
 
     def check_width(self, name: str, in_features: int, tp: int = 1, row_parallel: bool = False) -> None:
         """Groups must tile the input features, and for a row-parallel layer each rank's share of them:

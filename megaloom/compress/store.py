@@ -59,7 +59,9 @@ def quant_fields(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
 
     if isinstance(weight, IntxUnpackedToInt8Tensor) and weight.target_dtype == torch.int4:
         fields = {"qdata": pack_int4(weight.qdata), "scale": weight.scale, "zero_point": weight.zero_point}
-        return fields, {"kind": "int4", "block_size": list(weight.block_size), "dtype": str(weight.dtype)[6:]}
+        act = weight.activation_quantization  # int8-dynamic-act-int4-weight: "int8_asym_per_token"
+        return fields, {"kind": "int4", "block_size": list(weight.block_size), "dtype": str(weight.dtype)[6:],
+                        "activation_quantization": None if act is None else str(getattr(act, "value", act))}
     if isinstance(weight, Int8Tensor):
         fields = {"qdata": weight.qdata, "scale": weight.scale}
         if weight.zero_point is not None:
@@ -150,7 +152,14 @@ def _rebuild(meta: dict, fields: dict[str, torch.Tensor], local_in: int):  # noq
     dtype = getattr(torch, meta["dtype"])
     if meta["kind"] == "int4":
         qdata = unpack_int4(fields["qdata"])
-        return IntxUnpackedToInt8Tensor(qdata, fields["scale"], fields["zero_point"], torch.int4, block, dtype, None)
+        act = meta.get("activation_quantization")
+        if act is not None:
+            from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+                IntxUnpackedToInt8TensorActivationQuantization as ActQuant,
+            )
+
+            act = ActQuant(act)
+        return IntxUnpackedToInt8Tensor(qdata, fields["scale"], fields["zero_point"], torch.int4, block, dtype, act)
     return Int8Tensor(fields["qdata"], fields["scale"], list(block), dtype, zero_point=fields.get("zero_point"),
                       act_quant_kwargs=meta["act_quant_kwargs"])
 

@@ -10,8 +10,9 @@ import warnings
 import pytest
 import torch
 
-from megaloom.compress.gptq import gptq, int4_tensor
-from megaloom.compress.prune import Sparsity, magnitude_mask, sparsegpt, wanda_mask
+from megaloom.compress.gptq import gptq, int4_tensor, inverse_cholesky
+from megaloom.compress.hessian import Grams
+from megaloom.compress.prune import Sparsity, _lowest, magnitude_mask, sparsegpt, wanda_mask
 from megaloom.compress.schemes import QuantScheme
 from megaloom.compress.store import pack_int4, unpack_int4
 from megaloom.errors import ConfigError
@@ -119,3 +120,93 @@ def test_bad_settings_are_one_line_errors():
         QuantScheme.parse("int4-weight", 32).check_width("layers.0.mlp.down.weight", 96, tp=2, row_parallel=True)
     with pytest.raises(ConfigError, match="--method 'int3'"):
         QuantScheme.parse("int3")
+
+
+# ------------------------------------------------ the vectorised loops against Algorithm 1 written plainly
+
+
+def gptq_by_columns(w: torch.Tensor, h: torch.Tensor, group: int, damp: float = 0.01):  # noqa: ANN201
+    """GPTQ (Frantar et al. 2022, Algorithm 1 without lazy batches): column by column, torchao's own
+    quantize_affine / dequantize_affine on each column, every later column updated at once."""
+    from torchao.quantization.quant_primitives import dequantize_affine, quantize_affine
+
+    from megaloom.compress.gptq import int4_qparams
+
+    work = w.clone().double()
+    u = inverse_cholesky(h, work, damp)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scales, zeros = [], []
+    for c in range(w.shape[1]):
+        if c % group == 0:
+            scale, zero = int4_qparams(work[:, c:c + group].float())
+            scales.append(scale)
+            zeros.append(zero)
+        qc = quantize_affine(work[:, c:c + 1].float(), (1, 1), scale, zero, torch.int8, -8, 7)
+        q[:, c] = qc[:, 0]
+        deq = dequantize_affine(qc, (1, 1), scale, zero, torch.int8, -8, 7, output_dtype=torch.float32).double()
+        e = (work[:, c] - deq[:, 0]) / u[c, c]
+        work[:, c:] -= e[:, None] * u[c, c:][None, :]
+    return q, torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+
+
+def sparsegpt_by_columns(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, block: int, damp: float = 0.01):  # noqa: ANN201
+    """SparseGPT (Algorithm 1) without lazy batches: the mask of each block of `block` columns (or of
+    each M columns) chosen when it comes up, every pruned weight's error spread over all later columns."""
+    work = w.clone().double()
+    u = inverse_cholesky(h, work, damp)
+    keep = torch.ones(w.shape, dtype=torch.bool)
+    d = u.diagonal()
+    for c in range(w.shape[1]):
+        if not sp.structured and c % block == 0:
+            score = work[:, c:c + block] ** 2 / d[None, c:c + block] ** 2
+            order = torch.sort(score.flatten(), stable=True).indices[:int(score.numel() * sp.fraction)]
+            flat = torch.ones(score.numel(), dtype=torch.bool)
+            flat[order] = False
+            keep[:, c:c + block] = flat.view(score.shape)
+        if sp.structured and c % sp.m == 0:
+            score = work[:, c:c + sp.m] ** 2 / d[None, c:c + sp.m] ** 2
+            drop = torch.sort(score, dim=1, stable=True).indices[:, :sp.n]
+            keep[:, c:c + sp.m] = torch.ones_like(score, dtype=torch.bool).scatter(1, drop, False)
+        e = work[:, c] * (~keep[:, c]) / u[c, c]
+        work[:, c:] -= e[:, None] * u[c, c:][None, :]
+    return (work * keep).float(), keep
+
+
+def test_gptq_equals_algorithm_1_column_by_column():
+    w, x = correlated_layer(rows=40, cols=96)
+    h = x.double().T @ x.double()
+    q, s, z = gptq(w, h, group_size=32, block=64)  # a group that starts in one block and a last short block
+    rq, rs, rz = gptq_by_columns(w, h, 32)
+    assert torch.equal(q, rq) and torch.equal(z, rz)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)  # lazy updates change the float64 sums' rounding only
+
+
+@pytest.mark.parametrize("spec", [(0.5, None), (None, "2:4")])
+def test_sparsegpt_equals_algorithm_1_column_by_column(spec):
+    w, x = correlated_layer(rows=40, cols=96)
+    h = x.double().T @ x.double()
+    sp = Sparsity.parse(*spec)
+    got, keep = sparsegpt(w, h, sp, block=32)
+    ref, ref_keep = sparsegpt_by_columns(w, h, sp, block=32)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lowest_is_a_stable_sort_on_ties():
+    score = torch.randint(0, 4, (7, 40)).double()  # many ties: the first in index order go first
+    for k in (0, 1, 13, 40):
+        expected = torch.ones_like(score, dtype=torch.bool)
+        expected.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], False)
+        assert torch.equal(_lowest(score, k), expected), k
+
+
+def test_wanda_reads_the_gram_matrix_or_its_diagonal_alike():
+    w, x = correlated_layer(rows=24, cols=64)
+    grams = Grams({"lin": torch.nn.Identity()}, diagonal=True)
+    grams.handles[0].remove()
+    grams._hook("lin")(None, (x,))
+    full = x.double().T @ x.double()
+    torch.testing.assert_close(grams.h["lin"], full.diagonal(), rtol=1e-12, atol=0)
+    for spec in ((0.5, None), (None, "2:4")):
+        sp = Sparsity.parse(*spec)
+        assert torch.equal(wanda_mask(w, grams.h["lin"], sp), wanda_mask(w, full, sp))
