@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def training_parts(cfg: Config) -> dict:
     """What `megaloom train` hands the Trainer besides the config, from the layers above it: the pretrained
-    weights, the PEFT hook, the objective (alignment, distillation) and the step hooks (keep_sparsity)."""
+    weights, the PEFT hook, the objective (alignment, distillation), the step hooks (keep_sparsity) and the
+    fake quantization of quantization-aware training ([qat])."""
     weights = None
     if cfg.model.pretrained:  # opened and checked against the model before any model is built
         from megaloom.interop import PretrainedWeights
@@ -128,7 +129,12 @@ def training_parts(cfg: Config) -> dict:
         from megaloom.compress.sparsity import KeepSparsity
 
         step_hooks.append(KeepSparsity())
-    return {"weights": weights, "adapt": adapt, "objective": objective, "step_hooks": step_hooks}
+    quantize = None
+    if cfg.qat.scheme != "none":  # quantization-aware training: fake-quantized block linears
+        from megaloom.compress.qat import QATHook
+
+        quantize = QATHook(cfg)
+    return {"weights": weights, "adapt": adapt, "objective": objective, "step_hooks": step_hooks, "quantize": quantize}
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -208,8 +214,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from megaloom.compress.command import quantize_command
+    from megaloom.tune.lora import merge  # --from-qat of a LoRA run: the adapters folded into the base first
 
-    return quantize_command(args)
+    return quantize_command(args, merge_adapters=merge)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -359,9 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "megaloom eval and generate load in any --tp/--pp layout (docs/compression.md).")
     p.add_argument("model", metavar="MODEL", help="run directory, checkpoint, Hugging Face directory or .gguf file")
     p.add_argument("output", metavar="OUT", help="the checkpoint directory to create")
-    p.add_argument("--method", required=True, choices=["int8-weight", "int8-dynamic", "int4-weight", "gptq"],
-                   help="int8-weight, int8-dynamic (int8 activations too), int4-weight: torchao round to nearest; "
-                        "gptq: int4 by GPTQ with --calib")
+    p.add_argument("--method", choices=["int8-weight", "int8-dynamic", "int4-weight", "int8-dynamic-act-int4-weight",
+                                        "gptq"],
+                   help="int8-weight, int8-dynamic (int8 activations too), int4-weight, int8-dynamic-act-int4-weight: "
+                        "torchao round to nearest; gptq: int4 by GPTQ with --calib (required unless --from-qat)")
+    p.add_argument("--from-qat", action="store_true", help="MODEL is a quantization-aware training run ([qat]): its "
+                   "scheme and group size, its LoRA adapters merged first; the result computes what its fake-quantized "
+                   "forward did")
     p.add_argument("--group-size", type=int, metavar="G", help="input features per scale (default: per row for "
                                                                   "int8, 32 for int4 and gptq)")
     p.add_argument("--keep-high-precision", default="embedding,head", metavar="LIST",

@@ -33,7 +33,7 @@ def memory_report(model: torch.nn.Module, optimizer, device: torch.device) -> di
 
     params = sum(tensor_bytes(p) for p in model.parameters())
     grads = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
-    opt = optimizer_state_bytes(optimizer)
+    opt = optimizer_state_bytes(optimizer) if optimizer is not None else 0  # None: a frozen model
     peak = peak_memory_gib(device)
     static = (params + grads + opt) / 2**30
     return {"params_gib": params / 2**30, "grads_gib": grads / 2**30, "optimizer_gib": opt / 2**30,

@@ -93,6 +93,17 @@ class Objective:
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict`'s output."""
 
+    def entries(self) -> dict:
+        """This rank's pieces (`sharded_state.Sharded`) of tensors the objective trains beside the model (a
+        separate PPO critic's weights and Adam moments), saved in checkpoints under the objective's own
+        prefix; the objective reads them back itself in `start` (from `trainer.loaded_from`)."""
+        return {}
+
+    def side_models(self) -> dict[str, tuple[nn.Module, Any]]:
+        """The models the objective holds beside the trained one (a frozen reference copy, a critic, a reward
+        model): name -> (model, its optimizer or None), whose bytes metrics.jsonl's `memory` reports."""
+        return {}
+
     def prepare(self, batch: Micro, split: str) -> Micro:
         """This rank's batch (of `split`, "train" or "val", on the device) before it is cut into
         micro-batches: where an objective adds what its loss reads besides the tokens (reference

@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, corpus: CorpusInfo, console: Console,
                  grid: ProcessGrid, device: torch.device, weights: Callable[[dict], str] | None = None,
                  evals: Sequence[Callable[[Trainer], dict]] = (), objective: Objective | None = None,
-                 adapt: Adapt | None = None, step_hooks: Sequence = ()):
+                 adapt: Adapt | None = None, step_hooks: Sequence = (), quantize: Adapt | None = None):
         """`weights`: what a fresh run starts from instead of its random initialisation (model.pretrained:
         `megaloom.interop.PretrainedWeights`); it fills the pieces `model_entries` gives, in any layout.
         `evals`: run with each validation, each returns metrics for the row (train.eval_tasks:
@@ -92,6 +92,8 @@ class Trainer:
         `adapt`: peft.method's hook (`megaloom.tune.peft.PeftHook`): it adds the adapters to each model
         chunk; the base is frozen, filled by `weights` and never checkpointed, the checkpoints hold the
         trainable parameters and record the base they need (`adapt.record`, checked on load).
+        `quantize`: [qat]'s hook (`megaloom.compress.qat.QATHook`): it puts fake-quantized linears in each
+        model chunk as it is built, before the adapters; their parameters keep their names.
         `step_hooks`: objects with start(model, checkpoint, group) -> str (after loading), apply(model) (after each
         optimizer step) and entries() (more checkpoint entries): train.keep_sparsity's
         `megaloom.compress.sparsity.KeepSparsity`, passed in by the command line."""
@@ -108,6 +110,9 @@ class Trainer:
             raise ConfigError(f"peft.method = '{cfg.peft.method}' but no adapter hook was given to the trainer; pass "
                               "megaloom.tune.peft.PeftHook(cfg) (megaloom train does)")
         self.adapt = adapt
+        if cfg.qat.scheme != "none" and quantize is None:
+            raise ConfigError(f"qat.scheme = '{cfg.qat.scheme}' but no fake-quantization hook was given to the trainer; "
+                              "pass megaloom.compress.qat.QATHook(cfg) (megaloom train does)")
         # a PEFT run saves only what it trains; its pretrained weights fill only the frozen base
         peft = cfg.peft.method != "none"
         self.saved = (lambda p: p.requires_grad) if peft else None
@@ -125,7 +130,7 @@ class Trainer:
         seed_everything(t.seed)
         self.objective.open(corpus, grid, pin_memory=self.device.type == "cuda")
         self.loader = self.objective.loader
-        hooks = [h for h in (adapt, self.objective.adapt_model) if h is not None]
+        hooks = [h for h in (quantize, adapt, self.objective.adapt_model) if h is not None]
         self.parts = setup_training(cfg, grid, self.device, adapt=(lambda chunk, tp: [h(chunk, tp) for h in hooks]))
         new = {id(p) for name, p in named_parameters(self.parts.model) if name.startswith(self.objective.new_parameters)}
         if new:  # the objective's own parameters (a reward head) start from train.seed, not from model.pretrained
@@ -276,6 +281,9 @@ class Trainer:
             # bytes this rank sent per step over the logged interval, by group (tp, pp, dp) and operation
             row["comm_bytes"] = self.parts.take_comm_bytes(max(1, self.step - self.last_logged))
         row["memory"] = memory_report(self.model, self.optimizer, self.device)
+        for name, (model, optimizer) in self.objective.side_models().items():  # a reference copy, a critic, ...
+            side = memory_report(model, optimizer, self.device)
+            row["memory"][name] = {k: side[k] for k in ("params_gib", "grads_gib", "optimizer_gib")}
         self.last_logged = self.step
         return row
 
@@ -337,6 +345,7 @@ class Trainer:
         state.update(moments)
         for hook in self.step_hooks:
             state.update(hook.entries())
+        state.update(self.objective.entries())
         pending = self.reduce_loss(torch.stack(self.pending)).tolist() if self.pending else []
         state["train"] = {  # the same on every rank: written once
             "step": self.step, "adam_step": adam_step, "skipped": self.skipped,
@@ -427,11 +436,12 @@ class Trainer:
             if said:
                 self.console.print(f"    peft: {said}")
 
-    def fill_start_weights(self, model: torch.nn.Module) -> None:
+    def fill_start_weights(self, model: torch.nn.Module, select: Callable | None = None) -> None:
         """Fill `model`, another model of this config built on this grid (DPO's frozen reference), with the
         weights this run started from: checkpoint.load's checkpoint, else model.pretrained, else nothing (the
-        seed's initialisation, which it already has). Collective."""
-        state = model_entries(model)
+        seed's initialisation, which it already has). `select(param)`: only those parameters (a separate
+        PPO critic's frozen base, not its adapters or value head). Collective."""
+        state = model_entries(model, select)
         if self.cfg.checkpoint.load:
             share, gather = (self.grid.rank, self.grid.world_size), self.checkpointer.gather
             ckpt = find_checkpoint(Path(self.cfg.checkpoint.load), share=share, gather=gather)

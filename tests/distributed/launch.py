@@ -56,11 +56,11 @@ def _terminate(processes: list[Any]) -> None:
 
 
 def train_config(sets: list[str], run_dir: Any, rank: int = 0, world: int = 1,
-                 config: str = "configs/debug.toml") -> None:
+                 config: str = "configs/debug.toml") -> Any:
     """Train `config` with the `--set` overrides `sets` as `megaloom train` does, as rank `rank` of `world`
     (inside `run_workers`, or alone): rank 0 prepares the corpus, the others then find it ready, and the
     Trainer gets what the command line would give it (`megaloom.cli.training_parts`: pretrained weights,
-    the PEFT hook, the objective of a higher layer, step hooks)."""
+    the PEFT hook, the objective of a higher layer, step hooks). Returns the Trainer, after its run."""
     from pathlib import Path
 
     from megaloom.cli import training_parts
@@ -81,9 +81,11 @@ def train_config(sets: list[str], run_dir: Any, rank: int = 0, world: int = 1,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a single-process reference runs the workers' one-thread kernels too
     try:
-        Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, **training_parts(cfg)).run()
+        trainer = Trainer(cfg, run_dir, corpus, Console(quiet=True), grid, device, **training_parts(cfg))
+        trainer.run()
     finally:
         torch.set_num_threads(threads)
+    return trainer
 
 
 def train_configs(rank: int, world: int, runs: list[tuple[list[str], Any]]) -> None:
