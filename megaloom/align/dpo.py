@@ -11,8 +11,9 @@ loss of `preference.dpo_loss`; its metrics (`rewards/chosen`, `rewards/rejected`
 `rewards/accuracy`) are reduced over the grid like the loss. The reference's log-probabilities are an input
 of the batch (`prepare`), from one of:
 
-- a frozen copy of the starting weights on the same grid (`build_parallel_model(trainable=False)`: no
-  gradients, no optimizer state), run forward-only on each batch before the step;
+- the reference of megaloom/align/reference.py, run forward-only on each batch before the step: under
+  LoRA, DoRA, (IA)^3 or Houlsby adapters the trained model with its adapters switched off (no second
+  model), else a frozen copy of the starting weights on the same grid (no gradients, no optimizer state);
 - `dpo.precompute_reference = true`: computed once before the first step with the model itself (which is
   the reference until it takes a step) over every pair of both splits, stored in the run directory
   (`reference_logps.pt`, read again on resume), so no second model is in memory while training;
@@ -31,6 +32,8 @@ from torch import nn
 from megaloom.align.logprobs import sequence_logprobs, token_logprobs
 from megaloom.align.pairs import PairObjective
 from megaloom.align.preference import dpo_loss
+from megaloom.align.reference import Reference, build_reference
+from megaloom.align.reference import describe as describe_reference
 from megaloom.config import ConfigError
 from megaloom.data.sft_loader import IGNORE_INDEX, sft_eval_batches
 from megaloom.parallel.comm import enter_tp
@@ -58,16 +61,21 @@ class DPOObjective(PairObjective):
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
-        self.reference: Any = None  # the frozen copy (ParallelModel), when the reference is a model
+        self.reference: Reference | None = None  # when the reference is a model (the base with adapters off, or a copy)
         self.table: dict[str, torch.Tensor] | None = None  # precomputed: split -> (pairs, 2) log-probabilities
         self.precision = cfg.train.precision
 
     def describe(self) -> str:
         o = self.cfg.dpo
-        ref = ("none" if o.loss == "simpo" else "precomputed once" if o.precompute_reference else "a frozen copy")
+        ref = ("none" if o.loss == "simpo" else "precomputed once" if o.precompute_reference
+               else describe_reference(self.cfg))
         return f"; DPO ({o.loss}, beta {o.beta}){self.pairs_clause()}, reference: {ref}"
 
     # ------------------------------------------------------------------ the reference
+
+    def side_models(self) -> dict:
+        copy = self.reference.copy if self.reference is not None else None
+        return {"reference": (copy.model, None)} if copy is not None else {}
 
     def start(self, trainer: Any) -> None:
         o = self.cfg.dpo
@@ -76,11 +84,7 @@ class DPOObjective(PairObjective):
         if o.precompute_reference:
             self.table = self._precomputed(trainer)
             return
-        from megaloom.train.assemble import build_parallel_model
-
-        self.reference = build_parallel_model(self.cfg, trainer.grid, trainer.device, trainable=False)
-        trainer.fill_start_weights(self.reference.model)
-        self.reference.model.eval()
+        self.reference = build_reference(self.cfg, trainer)
 
     def _precomputed(self, trainer: Any) -> dict[str, torch.Tensor]:
         """The reference's log-probabilities of every pair: read from the run directory, or (a fresh run)
@@ -136,10 +140,11 @@ class DPOObjective(PairObjective):
             rows = torch.arange(len(ids), device=x.device)
             ref = torch.where(ids >= 0, table[(ids.clamp(min=0) * 2 + rows % 2)], 0.0)
         else:
-            seq = []
+            seq, ref_model = [], self.reference
             step = self.cfg.train.micro_batch * self.rows
-            for xs, ys in zip(x.split(step), y.split(step)):
-                seq.append(_sequence_logps(self.reference.model, self.reference.runner, xs, ys, self.precision))
+            with ref_model.use():
+                for xs, ys in zip(x.split(step), y.split(step)):
+                    seq.append(_sequence_logps(ref_model.model, ref_model.runner, xs, ys, self.precision))
             ref = torch.cat(seq) if seq[0] is not None else torch.zeros(len(ids), device=x.device)
         return x, y, torch.stack([ref, self.valid(ids)], dim=1)
 

@@ -11,7 +11,8 @@ into advantages (`advantages.group_advantages`), and the micro-batches of (promp
 through the training step as any objective's: the last stage computes each completion token's
 log-probability with the vocab-parallel, chunked `token_logprobs` and the loss of `policy.grpo_loss`
 (one update per generation, so π_old = π; plus β·k3 toward the reference when `rl.beta` > 0, whose
-log-probabilities come from a frozen copy of the starting weights on the same grid).
+log-probabilities come from megaloom/align/reference.py: the trained model with its adapters switched off
+under LoRA-like PEFT, else a frozen copy of the starting weights on the same grid).
 
 A micro-batch of `train.micro_batch` prompts is micro_batch·group_size rows. The sampling of prompt i of
 epoch e uses the seed (train.seed, e, i), whichever replica generates it. Validation samples greedily
@@ -39,6 +40,8 @@ from torch import nn
 from megaloom.align.advantages import group_advantages
 from megaloom.align.dpo import head_token_logprobs
 from megaloom.align.policy import grpo_loss
+from megaloom.align.reference import Reference, build_reference
+from megaloom.align.reference import describe as describe_reference
 from megaloom.config import Config, ConfigError
 from megaloom.data.prepare import CorpusInfo
 from megaloom.data.sft_loader import IGNORE_INDEX, SFTDataset
@@ -137,7 +140,7 @@ class RolloutObjective(Objective):
         # a directory is a reward model's run (PPO), which scores the rollouts itself
         self.reward_fn = None if Path(cfg.rl.reward).is_dir() else load_reward(cfg.rl.reward, cfg.rl.answer_field)
         self.trainer: Any = None
-        self.reference: Any = None
+        self.reference: Reference | None = None  # built in `start` when kl_weight() > 0
 
     # ------------------------------------------------------------------ data
 
@@ -176,7 +179,7 @@ class RolloutObjective(Objective):
         r = self.cfg.rl
         return (f"; {self.name.upper()}: {self.loader.num_docs:,} train prompts x {r.group_size} completion(s) of up "
                 f"to {r.max_new_tokens} tokens, reward {r.reward}, "
-                f"{'KL ' + str(self.kl_weight()) if self.kl_weight() else 'no reference'}")
+                f"{f'KL {self.kl_weight()} to {describe_reference(self.cfg)}' if self.kl_weight() else 'no reference'}")
 
     def kl_weight(self) -> float:
         """The weight of the KL to the reference (0: no reference model is built)."""
@@ -187,11 +190,11 @@ class RolloutObjective(Objective):
     def start(self, trainer: Any) -> None:
         self.trainer = trainer
         if self.kl_weight() > 0:
-            from megaloom.train.assemble import build_parallel_model
+            self.reference = build_reference(self.cfg, trainer)
 
-            self.reference = build_parallel_model(self.cfg, trainer.grid, trainer.device, trainable=False)
-            trainer.fill_start_weights(self.reference.model)
-            self.reference.model.eval()
+    def side_models(self) -> dict:
+        copy = self.reference.copy if self.reference is not None else None
+        return {"reference": (copy.model, None)} if copy is not None else {}
 
     def rollout(self, batch: Micro, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt indices -> (inputs, targets, rewards) of `rl.group_size` sampled completions per prompt
@@ -248,21 +251,22 @@ class RolloutObjective(Objective):
 
     @torch.no_grad()
     def _reference_logps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """log p_ref(target) per position from the frozen copy (its per-token losses, negated); zeros on
+        """log p_ref(target) per position from the reference (its per-token losses, negated); zeros on
         pipeline ranks that are not the last stage (which do not need them)."""
         from megaloom.precision import autocast
 
         ref, out = self.reference, []
         step = self.cfg.train.micro_batch * self.rows
-        for xs, ys in zip(x.split(step), y.split(step)):
-            if ref.runner is None:
-                with autocast(self.cfg.train.precision, x.device):
-                    per_token = ref.model(xs, ys, reduction="none")
-            else:
-                per_token = ref.runner.forward_outputs([(xs, ys)], self.cfg.train.precision,
-                                                       [{"reduction": "none"}] * len(ref.runner.chunks))[0]
-            out.append(torch.zeros(ys.shape, device=x.device) if per_token is None
-                       else -per_token.float().masked_fill(ys == IGNORE_INDEX, 0.0))
+        with ref.use():
+            for xs, ys in zip(x.split(step), y.split(step)):
+                if ref.runner is None:
+                    with autocast(self.cfg.train.precision, x.device):
+                        per_token = ref.model(xs, ys, reduction="none")
+                else:
+                    per_token = ref.runner.forward_outputs([(xs, ys)], self.cfg.train.precision,
+                                                           [{"reduction": "none"}] * len(ref.runner.chunks))[0]
+                out.append(torch.zeros(ys.shape, device=x.device) if per_token is None
+                           else -per_token.float().masked_fill(ys == IGNORE_INDEX, 0.0))
         return torch.cat(out)
 
 class GRPOObjective(RolloutObjective):

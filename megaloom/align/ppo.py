@@ -5,20 +5,24 @@ with the rollout machinery GRPO uses (megaloom/align/grpo.py), scores each compl
 Python function as for GRPO, or a reward model's run directory: `train.objective = "reward"`, built frozen on
 the same grid and read at each completion's last token), and runs the policy forward-only once to record, per
 completion token, its log-probability and its value. The per-token reward is the score on the last token
-minus `kl_coef`·KL_t (k1) to the frozen reference (`kl.kl_penalized_rewards`; the coefficient fixed or, with
-`rl.kl_target`, adapted per rollout by `kl.AdaptiveKLController`); GAE (`advantages.gae`, `rl.gamma`,
-`rl.lam`) gives advantages and returns; the advantages are whitened over the rollout.
+minus `kl_coef`·KL_t (k1) to the reference (megaloom/align/reference.py; `kl.kl_penalized_rewards`; the
+coefficient fixed or, with `rl.kl_target`, adapted per rollout by `kl.AdaptiveKLController`); GAE
+(`advantages.gae`, `rl.gamma`, `rl.lam`) gives advantages and returns; the advantages are whitened over the
+rollout.
 
 Then `rl.ppo_epochs` passes over the rollout, `train.global_batch` prompts' completions per optimizer step, in
 order (no shuffling, so that every data-parallel layout forms the same mini-batches): the loss is
 `policy.ppo_policy_loss` (clipped surrogate, `rl.clip`) + `rl.vf_coef`·`policy.ppo_value_loss` (clipped at
-`rl.value_clip` around the rollout's values) − `rl.entropy_coef`·entropy. The critic shares the policy's
-trunk: a value head `value` (hidden -> 1 on the last stage, from `train.seed`), so one model, one optimizer.
+`rl.value_clip` around the rollout's values) − `rl.entropy_coef`·entropy. With `rl.critic = "shared"` the
+critic shares the policy's trunk: a value head `value` (hidden -> 1 on the last stage, from `train.seed`), so
+one model, one optimizer. With `"separate"` it is a second model with its own trunk, head and optimizer
+(megaloom/align/critic.py), trained by the value loss on the same mini-batch before each policy update; the
+policy's loss is then the surrogate and the entropy bonus only.
 A rollout that is in progress is saved with the loader's state in checkpoints: a resumed run goes on with
 the same rollout.
 
 Metrics: `reward`, `completion_tokens`, `generation_tokens_per_s`, `kl`, `kl_coef`, `entropy`,
-`clip_fraction`, `approx_kl`, `value_loss`, `value_clip_fraction`.
+`clip_fraction`, `approx_kl`, `value_loss`, `value_clip_fraction`, and `critic_grad_norm` (a separate critic).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from megaloom.align.advantages import gae, masked_mean, masked_whiten
+from megaloom.align.critic import SeparateCritic
 from megaloom.align.dpo import head_token_logprobs
 from megaloom.align.grpo import PromptLoader, RolloutObjective
 from megaloom.align.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
@@ -78,13 +83,15 @@ class PPOObjective(RolloutObjective):
 
     name = "ppo"
     metric_names = ("reward", "completion_tokens", "generation_tokens_per_s", "kl", "kl_coef", "entropy",
-                    "clip_fraction", "approx_kl", "value_loss", "value_clip_fraction")
+                    "clip_fraction", "approx_kl", "value_loss", "value_clip_fraction", "critic_grad_norm")
     new_parameters = ("value.",)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         r = cfg.rl
         self.reward_model: Any = None  # a reward model's run (rl.reward a directory), built in `start`
+        self.critic: SeparateCritic | None = None  # rl.critic = "separate", built in `start`
+        self.critic_steps = 0  # the separate critic's optimizer steps, from a checkpoint
         self.controller = (AdaptiveKLController(r.kl_coef, r.kl_target, r.kl_horizon) if r.kl_target
                            else FixedKLController(r.kl_coef))
 
@@ -92,11 +99,26 @@ class PPOObjective(RolloutObjective):
         return self.cfg.rl.kl_coef
 
     def state_dict(self) -> dict:
-        return {"kl_coef": self.controller.value}
+        return {"kl_coef": self.controller.value, **({"critic_steps": self.critic.steps} if self.critic else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if "kl_coef" in state:
             self.controller.value = float(state["kl_coef"])
+        self.critic_steps = int(state.get("critic_steps", 0))
+
+    def entries(self) -> dict:
+        return self.critic.entries() if self.critic is not None else {}
+
+    def side_models(self) -> dict:
+        out = super().side_models()
+        if self.critic is not None:
+            out["critic"] = (self.critic.model, self.critic.optimizer)
+        if self.reward_model is not None:
+            out["reward_model"] = (self.reward_model.model, None)
+        return out
+
+    def describe(self) -> str:
+        return super().describe() + f", {self.cfg.rl.critic} critic"
 
     def open(self, corpus: Any, grid: Any, pin_memory: bool) -> None:
         super().open(corpus, grid, pin_memory)
@@ -105,7 +127,12 @@ class PPOObjective(RolloutObjective):
                                     r.ppo_epochs, t.seed, grid.dp_rank, grid.dp)
 
     def adapt_model(self, chunk: nn.Module, tp: Any) -> None:
-        """The value head on the last stage (the critic shares the policy's trunk)."""
+        """The value head on the policy's last stage when the critic shares its trunk."""
+        if self.cfg.rl.critic == "shared":
+            self.value_head(chunk, tp)
+
+    def value_head(self, chunk: nn.Module, tp: Any) -> None:
+        """A value head `value` on the last stage, from train.seed (the same in every layout)."""
         if not getattr(chunk, "last", False):
             return
         hidden = self.cfg.model.hidden
@@ -116,6 +143,10 @@ class PPOObjective(RolloutObjective):
 
     def start(self, trainer: Any) -> None:
         super().start(trainer)
+        if self.cfg.rl.critic == "separate":
+            self.critic = SeparateCritic(self.cfg, trainer, self.value_head, self.critic_call)
+            if trainer.step > 0:
+                self.critic.resume(trainer.loaded_from, self.critic_steps)
         if Path(self.cfg.rl.reward).is_dir():
             self.reward_model = _load_reward_model(self.cfg, trainer)
 
@@ -133,7 +164,12 @@ class PPOObjective(RolloutObjective):
         k = loader.position % loader.minibatches
         loader.position += 1
         part = {name: v[k * per:(k + 1) * per].to(self.trainer.device) for name, v in rows.items()}
-        return part["x"], part["y"], torch.stack([part[f] for f in FIELDS], dim=-1)
+        batch = part["x"], part["y"], torch.stack([part[f] for f in FIELDS], dim=-1)
+        if self.critic is not None:  # the critic's own step on the same mini-batch
+            norm = self.critic.step(batch)
+            if self.is_last:
+                self.record(critic_grad_norm=norm)
+        return batch
 
     def _scored_rollout(self, batch: Micro, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y, reward = self.rollout(batch, split)
@@ -148,6 +184,8 @@ class PPOObjective(RolloutObjective):
         x, y, scores = self._scored_rollout(batch, "train")
         mask = y != IGNORE_INDEX
         logps, values = self._policy_stats(x, y)
+        if self.critic is not None:
+            values = self.critic.values(x, y)
         ref = self._reference_logps(x, y) if self.reference is not None else torch.zeros_like(logps)
         r = self.cfg.rl
         rewards, kl = kl_penalized_rewards(scores, logps, ref, self.controller.value, mask)
@@ -179,6 +217,8 @@ class PPOObjective(RolloutObjective):
         def stats(ys: torch.Tensor, head: nn.Module, h: torch.Tensor, prepended: int) -> torch.Tensor:
             targets = nn.functional.pad(ys, (prepended, 0), value=IGNORE_INDEX) if prepended else ys
             logps = head_token_logprobs(head, h, targets, vocab)[:, prepended:]
+            if self.critic is not None:  # the values come from the critic's own forward
+                return torch.stack([logps, torch.zeros_like(logps)], dim=-1)
             tp = getattr(head, "tp", None)
             full = enter_tp(h, tp) if tp is not None and tp.sequence_parallel else h  # forward only: no gradient
             values = self._value_layer().forward(full[:, prepended:].float()).squeeze(-1)
@@ -214,7 +254,7 @@ class PPOObjective(RolloutObjective):
         _, y, extra = micro
         old_logps, old_values, advantages, returns, _ = extra.unbind(-1)
         r, vocab = self.cfg.rl, self.cfg.model.vocab_size
-        value = model.value
+        value = model.value if self.critic is None else None
 
         def loss_of(head: nn.Module, h: torch.Tensor, prepended: int) -> torch.Tensor:
             targets = nn.functional.pad(y, (prepended, 0), value=IGNORE_INDEX) if prepended else y
@@ -228,10 +268,30 @@ class PPOObjective(RolloutObjective):
             logps, entropy = logps[:, prepended:], entropy[:, prepended:]
             mask = y != IGNORE_INDEX
             policy, pm = ppo_policy_loss(logps, old_logps, advantages, mask, clip=r.clip)
-            v_loss, vm = _value_loss(value, h, prepended, tp, old_values, returns, mask, r.value_clip)
             ent = masked_mean(entropy, mask)
-            self.record(entropy=ent, value_loss=v_loss, **pm, **vm)
+            self.record(entropy=ent, **pm)
+            if value is None:  # a separate critic learns the values in its own step
+                return policy - r.entropy_coef * ent
+            v_loss, vm = _value_loss(value, h, prepended, tp, old_values, returns, mask, r.value_clip)
+            self.record(value_loss=v_loss, **vm)
             return policy + r.vf_coef * v_loss - r.entropy_coef * ent
+
+        return model(inputs, head_fn=loss_of, **kwargs)
+
+    def critic_call(self, model: nn.Module, inputs: torch.Tensor, micro: Micro, last: bool = True,
+                    **kwargs) -> torch.Tensor:
+        """A separate critic's `call`: the clipped value loss of its value head on its own final hidden states."""
+        if not last:
+            return model(inputs, **kwargs)
+        _, y, extra = micro
+        _, old_values, _, returns, _ = extra.unbind(-1)
+        value, clip = model.value, self.cfg.rl.value_clip
+
+        def loss_of(head: nn.Module, h: torch.Tensor, prepended: int) -> torch.Tensor:
+            v_loss, vm = _value_loss(value, h, prepended, getattr(head, "tp", None), old_values, returns,
+                                     y != IGNORE_INDEX, clip)
+            self.record(value_loss=v_loss, **vm)
+            return v_loss
 
         return model(inputs, head_fn=loss_of, **kwargs)
 

@@ -39,8 +39,11 @@ class Houlsby(nn.Module):
         super().__init__()
         self.down = nn.Linear(hidden, bottleneck)
         self.up = nn.Linear(bottleneck, hidden)
+        self.switch = None  # the chunk's AdapterSwitch (megaloom/tune/peft.py): off, the adapter is the identity
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.switch is not None and not self.switch.on:
+            return h
         return h + self.up(F.gelu(self.down(h), approximate="tanh")).to(h.dtype)
 
 
@@ -57,6 +60,7 @@ def apply(chunk: nn.Module, cfg: Config, tp: TPGroup | None) -> None:
             place(adapter.down.bias, seeded(cfg.train.seed, f"{base}.down.bias", (r,), "zeros"))
             place(adapter.up.weight, seeded(cfg.train.seed, f"{base}.up.weight", (h, r), "zeros"))
             place(adapter.up.bias, seeded(cfg.train.seed, f"{base}.up.bias", (h,), "zeros"))
+            adapter.switch = getattr(chunk, "peft_switch", None)
             setattr(block, where, adapter)
 
 
