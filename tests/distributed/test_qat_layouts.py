@@ -96,6 +96,7 @@ def _from_qat_equals_fake_quant_forward(tmp):
     assert (trained - want).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_qat_tp2_equals_one_process(tmp_path):
     write_conversations(tmp_path / "conv.jsonl", 48)
     for name, extra in CASES.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
 import torch
 
 from megaloom.cli import main
@@ -25,6 +26,7 @@ def _train(hf, tmp_path, run, *extra):
     return main(["train", "--run-dir", str(run), *[a for s in sets for a in ("--set", s)]])
 
 
+@pytest.mark.slow
 def test_train_quantize_from_qat_eval_generate(tmp_path, capsys):
     from megaloom.compress.qat import prepare, qat_scheme
     from megaloom.compress.store import load_quantized

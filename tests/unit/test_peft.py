@@ -189,6 +189,7 @@ def test_bad_peft_settings_are_one_line(sets_, words):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # the same check runs at tp = 2 in tests/distributed/test_peft_compose.py
 def test_lora_dropout_with_full_recomputation_equals_without(tiny):
     """The recomputed blocks replay the adapters' dropout masks (megaloom/model/layers.py Block): with
     train.recompute = "full" the loss, the adapter gradients and five AdamW steps are those without
