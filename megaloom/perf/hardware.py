@@ -58,8 +58,12 @@ class Device:
     def pass_seconds(self, arithmetic: float, overhead: str) -> float:
         """A pass's time from its arithmetic and its measured fixed cost `overhead`: their sum where the host
         computes (a CPU), the longer of the two where kernels run ahead of the host (a GPU)."""
-        ov = self.overhead(overhead)
-        return arithmetic + ov if self.host_bound else max(arithmetic, ov)
+        return self.with_fixed(arithmetic, self.overhead(overhead))
+
+    def with_fixed(self, arithmetic: float, fixed: float) -> float:
+        """Arithmetic and a fixed host cost together: added on a host-bound device, the longer of the two
+        where kernels run ahead of the host."""
+        return arithmetic + fixed if self.host_bound else max(arithmetic, fixed)
 
     @property
     def copy_bytes_per_s(self) -> float:

@@ -363,7 +363,7 @@ def finish_step(job: Job, costs: StageCosts, r: int, finish: float,
     dev = c.device
     if dev.overheads:  # the optimizer's measured fixed cost: one part per step, one per layer held
         fixed = dev.overhead("optimizer_base") + dev.overhead("optimizer_layer") * sum(costs.rank_layers(r))
-        opt = opt + fixed if dev.host_bound else max(opt, fixed)
+        opt = dev.with_fixed(opt, fixed)
     weights = 4 if job.recipe.fp32_weights else 2
     after = collective_seconds(c, Collective.ALL_GATHER, params * weights, group) if lay.zero == 1 and d > 1 else 0.0
     return grads_done + opt + after, grads_done - finish + after, opt
