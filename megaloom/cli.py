@@ -87,10 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def training_parts(cfg: Config) -> dict:
-    """What `megaloom train` hands the Trainer besides the config, from the layers above it: the pretrained
-    weights, the PEFT hook, the objective (alignment, distillation), the step hooks (keep_sparsity) and the
-    fake quantization of quantization-aware training ([qat])."""
+def model_parts(cfg: Config) -> dict:
+    """How `megaloom train` builds the model of `cfg`, from the layers above the training stack: its pretrained
+    weights (`weights`), the PEFT hook (`adapt`) and the fake quantization of quantization-aware training
+    (`quantize`); None where the config has none. PPO builds a reward model's run with them too."""
     weights = None
     if cfg.model.pretrained:  # opened and checked against the model before any model is built
         from megaloom.interop import PretrainedWeights
@@ -101,6 +101,19 @@ def training_parts(cfg: Config) -> dict:
         from megaloom.tune.peft import PeftHook
 
         adapt = PeftHook(cfg)
+    quantize = None
+    if cfg.qat.scheme != "none":  # quantization-aware training: fake-quantized block linears
+        from megaloom.compress.qat import QATHook
+
+        quantize = QATHook(cfg)
+    return {"weights": weights, "adapt": adapt, "quantize": quantize}
+
+
+def training_parts(cfg: Config) -> dict:
+    """What `megaloom train` hands the Trainer besides the config, from the layers above it: the pretrained
+    weights, the PEFT hook and the fake quantization of quantization-aware training ([qat]) (`model_parts`),
+    the objective (alignment, distillation) and the step hooks (keep_sparsity)."""
+    parts = model_parts(cfg)
     objective = None
     if cfg.train.objective == "dpo":  # alignment objectives sit above the training loop
         from megaloom.align.dpo import DPOObjective
@@ -115,7 +128,7 @@ def training_parts(cfg: Config) -> dict:
 
         objective = distill_objective(cfg)
         if cfg.distill.init_from_teacher_layers:
-            weights = TeacherLayers(cfg, objective.teacher_spec)
+            parts["weights"] = TeacherLayers(cfg, objective.teacher_spec)
     elif cfg.train.objective == "grpo":
         from megaloom.align.grpo import GRPOObjective
 
@@ -123,18 +136,13 @@ def training_parts(cfg: Config) -> dict:
     elif cfg.train.objective == "ppo":
         from megaloom.align.ppo import PPOObjective
 
-        objective = PPOObjective(cfg)
+        objective = PPOObjective(cfg, model_parts=model_parts)  # a reward model's run is built as it was
     step_hooks = []
     if cfg.train.keep_sparsity:  # pruned weights stay zero (compression sits above the training loop)
         from megaloom.compress.sparsity import KeepSparsity
 
         step_hooks.append(KeepSparsity())
-    quantize = None
-    if cfg.qat.scheme != "none":  # quantization-aware training: fake-quantized block linears
-        from megaloom.compress.qat import QATHook
-
-        quantize = QATHook(cfg)
-    return {"weights": weights, "adapt": adapt, "objective": objective, "step_hooks": step_hooks, "quantize": quantize}
+    return {**parts, "objective": objective, "step_hooks": step_hooks}
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 A rollout takes `rl.rollout_batch` prompts (this replica's share), samples `rl.group_size` completions each
 with the rollout machinery GRPO uses (megaloom/align/grpo.py), scores each completion with `rl.reward` (a
 Python function as for GRPO, or a reward model's run directory: `train.objective = "reward"`, built frozen on
-the same grid and read at each completion's last token), and runs the policy forward-only once to record, per
+the same grid as its own run built it, PEFT adapters and pretrained base included, and read at each completion's
+last token: megaloom/align/reward_model.py), and runs the policy forward-only once to record, per
 completion token, its log-probability and its value. The per-token reward is the score on the last token
 minus `kl_coef`·KL_t (k1) to the reference (megaloom/align/reference.py; `kl.kl_penalized_rewards`; the
 coefficient fixed or, with `rl.kl_target`, adapted per rollout by `kl.AdaptiveKLController`); GAE
@@ -11,15 +12,17 @@ coefficient fixed or, with `rl.kl_target`, adapted per rollout by `kl.AdaptiveKL
 rollout.
 
 Then `rl.ppo_epochs` passes over the rollout, `train.global_batch` prompts' completions per optimizer step, in
-order (no shuffling, so that every data-parallel layout forms the same mini-batches): the loss is
+order (no shuffling, so that every data-parallel layout forms the same mini-batches; with one mini-batch per
+rollout only, as yet: docs/alignment.md): the loss is
 `policy.ppo_policy_loss` (clipped surrogate, `rl.clip`) + `rl.vf_coef`·`policy.ppo_value_loss` (clipped at
 `rl.value_clip` around the rollout's values) − `rl.entropy_coef`·entropy. With `rl.critic = "shared"` the
 critic shares the policy's trunk: a value head `value` (hidden -> 1 on the last stage, from `train.seed`), so
 one model, one optimizer. With `"separate"` it is a second model with its own trunk, head and optimizer
 (megaloom/align/critic.py), trained by the value loss on the same mini-batch before each policy update; the
 policy's loss is then the surrogate and the entropy bonus only.
-A rollout that is in progress is saved with the loader's state in checkpoints: a resumed run goes on with
-the same rollout.
+A rollout that is in progress is saved in checkpoints (where it stands in the loader's state, its rows as
+entries split over the data-parallel replicas: `PPOObjective.entries`): a resumed run, in any layout, goes on
+with the same rollout.
 
 Metrics: `reward`, `completion_tokens`, `generation_tokens_per_s`, `kl`, `kl_coef`, `entropy`,
 `clip_fraction`, `approx_kl`, `value_loss`, `value_clip_fraction`, and `critic_grad_norm` (a separate critic).
@@ -42,18 +45,22 @@ from megaloom.align.grpo import PromptLoader, RolloutObjective
 from megaloom.align.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from megaloom.align.logprobs import token_logprobs_and_entropy
 from megaloom.align.policy import ppo_policy_loss, ppo_value_loss
-from megaloom.config import Config, ConfigError
+from megaloom.align.reward_model import Parts, load_reward_model, score
+from megaloom.config import Config
 from megaloom.data.sft_loader import IGNORE_INDEX
 from megaloom.parallel.comm import enter_tp, sum_over_tp
 from megaloom.precision import autocast
 from megaloom.train.objective import Micro
 
 FIELDS = ("old_logps", "old_values", "advantages", "returns", "ref_logps")
+ROLLOUT = "rollout/"  # the checkpoint entries of the rollout in progress
 
 
 class RolloutLoader(PromptLoader):
     """Prompts per rollout, and which mini-batch of the rollout each step trains on: a new rollout of
-    `rollout` prompts every `steps_per_rollout` steps. Its state holds the rollout in progress."""
+    `rollout` prompts every `steps_per_rollout` steps. Its state says where the rollout in progress stands; the
+    rollout's rows themselves are this replica's own, so checkpoints hold them as tensors split over the
+    data-parallel replicas (`PPOObjective.entries`), not in this state, which is the same on every rank."""
 
     def __init__(self, n: int, rollout: int, minibatch: int, epochs: int, seed: int, dp_rank: int, dp_size: int):
         super().__init__(n, rollout, seed, dp_rank, dp_size)
@@ -61,6 +68,7 @@ class RolloutLoader(PromptLoader):
         self.steps_per_rollout = epochs * self.minibatches
         self.position = 0  # steps taken in the current rollout
         self.rows: dict[str, torch.Tensor] | None = None  # the current rollout (on the CPU)
+        self.pending = False  # resumed in the middle of a rollout whose rows the objective has still to read
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt indices and epochs of a new rollout, or empty tensors while the current one lasts."""
@@ -70,12 +78,13 @@ class RolloutLoader(PromptLoader):
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "position": self.position,
-                "rows": None if self.rows is None else {k: v.cpu() for k, v in self.rows.items()}}
+        return {**super().state_dict(), "position": self.position, "rollout": self.rows is not None}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.position, self.rows = int(state["position"]), state["rows"]
+        self.position = int(state["position"])
+        self.rows = state.get("rows")  # checkpoints of older versions held one replica's rows here
+        self.pending = self.rows is None and bool(state.get("rollout"))
 
 
 class PPOObjective(RolloutObjective):
@@ -86,9 +95,13 @@ class PPOObjective(RolloutObjective):
                     "clip_fraction", "approx_kl", "value_loss", "value_clip_fraction", "critic_grad_norm")
     new_parameters = ("value.",)
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, model_parts: Parts | None = None):
+        """`model_parts(cfg)`: how a config's model is built from the layers above the training stack (its
+        pretrained weights, PEFT and QAT hooks; `megaloom.cli.model_parts`), for a reward model's run directory
+        that needs them (megaloom/align/reward_model.py)."""
         super().__init__(cfg)
         r = cfg.rl
+        self.model_parts = model_parts
         self.reward_model: Any = None  # a reward model's run (rl.reward a directory), built in `start`
         self.critic: SeparateCritic | None = None  # rl.critic = "separate", built in `start`
         self.critic_steps = 0  # the separate critic's optimizer steps, from a checkpoint
@@ -107,7 +120,43 @@ class PPOObjective(RolloutObjective):
         self.critic_steps = int(state.get("critic_steps", 0))
 
     def entries(self) -> dict:
-        return self.critic.entries() if self.critic is not None else {}
+        """The separate critic's state, and the rollout in progress: each field a tensor over the whole rollout,
+        rows (prompts x completions) in the order of the prompts, of which each data-parallel replica holds its
+        contiguous share (`PromptLoader`), so that a run resumed in any layout reads its own. The statistics
+        (log-probabilities, values, advantages...) are the last pipeline stage's: the others hold zeros."""
+        out = self.critic.entries() if self.critic is not None else {}
+        rows = self.loader.rows
+        if rows is not None:
+            out.update(self._rollout_entries(rows, self.trainer.grid))
+        return out
+
+    def _rollout_entries(self, rows: dict[str, torch.Tensor], grid: Any) -> dict:
+        from megaloom.train.sharded_state import Piece, Sharded
+
+        out = {}
+        for name, v in rows.items():
+            if name in FIELDS and not self.is_last:  # zeros here: the last stage writes them
+                continue
+            b = v.shape[0]
+            full = (b * grid.dp, *v.shape[1:])
+            out[f"{ROLLOUT}{name}"] = Sharded(full, [Piece(v, (grid.dp_rank * b,) + (0,) * (v.dim() - 1))])
+        return out
+
+    def _resume_rollout(self, trainer: Any) -> None:
+        """The rows of the rollout in progress at the checkpoint the run resumed from: this replica's share.
+        Collective."""
+        from megaloom.train.checkpoint import load, saved_keys
+
+        ckpt, grid = trainer.loaded_from, trainer.grid
+        saved = saved_keys(ckpt)
+        rows = {}
+        for name in ("x", "y", *FIELDS):
+            full = saved[f"{ROLLOUT}{name}"]
+            dtype = torch.int64 if name in ("x", "y") else torch.float32
+            rows[name] = torch.zeros((full[0] // grid.dp, *full[1:]), dtype=dtype)
+        with torch.no_grad():
+            load(ckpt, self._rollout_entries(rows, grid), trainer.checkpointer.group)
+        self.loader.rows, self.loader.pending = rows, False
 
     def side_models(self) -> dict:
         out = super().side_models()
@@ -147,8 +196,10 @@ class PPOObjective(RolloutObjective):
             self.critic = SeparateCritic(self.cfg, trainer, self.value_head, self.critic_call)
             if trainer.step > 0:
                 self.critic.resume(trainer.loaded_from, self.critic_steps)
+        if self.loader.pending:  # resumed in the middle of a rollout
+            self._resume_rollout(trainer)
         if Path(self.cfg.rl.reward).is_dir():
-            self.reward_model = _load_reward_model(self.cfg, trainer)
+            self.reward_model = load_reward_model(self.cfg, trainer, self.model_parts)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -174,7 +225,7 @@ class PPOObjective(RolloutObjective):
     def _scored_rollout(self, batch: Micro, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y, reward = self.rollout(batch, split)
         if self.reward_model is not None:
-            reward = _score(self.reward_model, x, y, self.cfg.train.precision)
+            reward = score(self.reward_model, x, y, self.cfg.train.precision)
             if self.is_last:
                 self.record(reward=reward.mean())
         return x, y, reward
@@ -329,61 +380,3 @@ def _value_loss(value: nn.Module, h: torch.Tensor, prepended: int, tp: Any, old_
         return sum_over_tp(loss * share, tp), {k: sum_over_tp(v.detach() * share, tp) for k, v in metrics.items()}
     values = value(h[:, prepended:].float()).squeeze(-1)
     return ppo_value_loss(values, old_values, returns, mask, clip)
-
-
-def _load_reward_model(cfg: Config, trainer: Any) -> Any:
-    """A reward model's run directory as a frozen model on the trainer's grid, in the policy's layout."""
-    from megaloom.align.reward import RewardObjective
-    from megaloom.config import load_config
-    from megaloom.train.assemble import build_parallel_model
-    from megaloom.train.checkpoint import check_model_keys, find_checkpoint, load
-    from megaloom.train.sharded_state import model_entries
-
-    run = Path(cfg.rl.reward)
-    rm_cfg = load_config(run / "config.toml")
-    if rm_cfg.train.objective != "reward":
-        raise ConfigError(f"rl.reward = '{run}' is a run of train.objective = \"{rm_cfg.train.objective}\", not a "
-                          "reward model; give a run directory of train.objective = \"reward\"")
-    if rm_cfg.model.vocab_size != cfg.model.vocab_size or not _same_tokenizer(run / "tokenizer", trainer):
-        raise ConfigError(f"rl.reward = '{run}' was trained with another tokenizer than the policy's; train the reward "
-                          "model on the policy's tokenizer (data.tokenizer = \"pretrained\" of the same model)")
-    rm_cfg.parallel, rm_cfg.train.seed = cfg.parallel, cfg.train.seed
-    rm_cfg.train.global_batch, rm_cfg.train.micro_batch = cfg.train.global_batch, cfg.train.micro_batch
-    pm = build_parallel_model(rm_cfg, trainer.grid, trainer.device, trainable=False,
-                              adapt=RewardObjective(rm_cfg).adapt_model)
-    ckpt = find_checkpoint(run, share=(trainer.grid.rank, trainer.grid.world_size), gather=trainer.checkpointer.gather)
-    if ckpt is None:
-        raise ConfigError(f"rl.reward = '{run}' holds no checkpoint; train the reward model first")
-    state = model_entries(pm.model)
-    check_model_keys(ckpt, state, trainer.checkpointer.group)
-    with torch.no_grad():
-        load(ckpt, state, trainer.checkpointer.group)
-    pm.model.eval()
-    return pm
-
-
-def _same_tokenizer(directory: Path, trainer: Any) -> bool:
-    from megaloom.data.sft import files_hash
-
-    return files_hash(directory) == files_hash(Path(trainer.corpus.tokenizer_dir))
-
-
-@torch.no_grad()
-def _score(pm: Any, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
-    """The reward model's score of each row at its completion's last token (on the last pipeline stage)."""
-    from megaloom.align.reward import last_token_positions, row_scores
-
-    position = last_token_positions(y)
-    chunks = list(pm.model) if pm.runner is not None else [pm.model]
-    score = chunks[-1].score if chunks[-1].last else None
-
-    def fn(head: nn.Module, h: torch.Tensor, prepended: int) -> torch.Tensor:
-        return row_scores(score, head, h, position + prepended)
-
-    if pm.runner is None:
-        with autocast(precision, x.device):
-            out = pm.model(x, y, head_fn=fn)
-    else:
-        out = pm.runner.forward_outputs([(x, y)], precision, [{"head_fn": fn}] * len(pm.runner.chunks))[0]
-    # the last stage's scores; the other stages of a pipeline never read them
-    return out.float() if out is not None else torch.zeros(len(x), device=x.device)

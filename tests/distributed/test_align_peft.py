@@ -7,8 +7,11 @@ with LoRA at tp = 2, dp = 2 and pp = 2 and GRPO with LoRA and a KL term at tp = 
 
 PPO with rl.critic = "separate" (a second model with its own trunk, value head and optimizer) trains, a run
 resumed from a checkpoint taken in the middle of a rollout continues exactly (the critic's weights and Adam
-moments are in the checkpoint), and tp = 2 with sequence parallelism and pp = 2 equal one process. One launch
-of two processes."""
+moments are in the checkpoint), and tp = 2 with sequence parallelism, pp = 2, and dp = 2 under ZeRO-1 and ZeRO-3
+equal one process (the losses, values and gradient norms per step, and the critic's final parameters); a dp = 2
+ZeRO-3 run resumed from its own checkpoint in the middle of a rollout continues exactly, and so does one resumed
+at dp = 2 ZeRO-3 from the single process's checkpoint (the critic's state resharded). One launch of two
+processes."""
 
 import gc
 import json
@@ -19,6 +22,7 @@ import pytest
 import torch
 
 from megaloom.observe.metrics import read_metrics
+from megaloom.train.checkpoint import full_tensors
 
 from . import test_dpo_layouts, test_grpo_layouts
 from .launch import run_workers, train_config, train_configs
@@ -46,6 +50,26 @@ def _close(ref, ours, keys, name, tol):
             assert (key in a) == (key in b), (name, key, a["step"])
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=tol, abs=tol), (name, key, a["step"])
+
+
+def _train_then_resume(rank, world, runs, resumed):
+    """A `run_workers` function: `runs` as `train_configs` trains them, then each (sets, source, run_dir) of
+    `resumed`: `source`'s run directory copied without its step-4 checkpoint (a job killed in step 4), resumed."""
+    train_configs(rank, world, runs)
+    for sets, source, run_dir in resumed:
+        if rank == 0:
+            shutil.copytree(source, run_dir)
+            shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+        torch.distributed.barrier()
+        train_config(sets, run_dir, rank, world)
+
+
+def _same_critic(ref, ours, name, tol):
+    """The critic's trained parameters in the newest checkpoints of two runs, consolidated over their layouts."""
+    a, b = (full_tensors(sorted((d / "checkpoints").iterdir())[-1], "critic/model/") for d in (ref, ours))
+    assert a and sorted(a) == sorted(b), name
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=tol, atol=tol, msg=lambda m, k=key: f"{name} {k}: {m}")
 
 
 def _parameters() -> set[int]:
@@ -113,13 +137,27 @@ def test_adapters_off_reference_and_separate_critic(tmp_path):
     _close(ppo, read_metrics(resumed), PPO_KEYS, "ppo resumed", 1e-6)
 
     dpo_layouts = {"dpo-tp2": ["parallel.tp=2"], "dpo-dp2": ["parallel.dp=2"], "dpo-pp2": ["parallel.pp=2"]}
-    ppo_layouts = {"ppo-tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"], "ppo-pp2": ["parallel.pp=2"]}
+    ppo_layouts = {"ppo-tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"], "ppo-pp2": ["parallel.pp=2"],
+                   "ppo-dp2-zero1": ["parallel.dp=2", "parallel.zero=1"],
+                   "ppo-dp2-zero3": ["parallel.dp=2", "parallel.zero=3", "checkpoint.every=1", "checkpoint.keep=4"]}
     runs = [(_dpo(tmp_path, *extra), tmp_path / name) for name, extra in dpo_layouts.items()]
     runs.append((_grpo(tmp_path, "parallel.tp=2"), tmp_path / "grpo-tp2"))
     runs += [(_ppo(tmp_path, *extra), tmp_path / name) for name, extra in ppo_layouts.items()]
-    run_workers(train_configs, 2, runs, timeout=400)
+    zero3 = _ppo(tmp_path, *ppo_layouts["ppo-dp2-zero3"])
+    # killed in step 4 at dp = 2 under ZeRO-3, resumed in the same layout; and the single process's step-3
+    # checkpoint resumed at dp = 2 under ZeRO-3 (the critic's weights and Adam moments resharded)
+    resumed = [(zero3, tmp_path / "ppo-dp2-zero3", tmp_path / "ppo-dp2-zero3-resumed"),
+               (zero3, ppo_dir, tmp_path / "ppo-single-resumed-zero3")]
+    run_workers(_train_then_resume, 2, runs, resumed, timeout=400)
     for name in dpo_layouts:
         _close(off, read_metrics(tmp_path / name), DPO_KEYS, name, 1e-5)
     _close(grpo, read_metrics(tmp_path / "grpo-tp2"), GRPO_KEYS, "grpo-tp2", 1e-5)
     for name in ppo_layouts:  # four updates at lr 1e-2: rounding of another reduction order, as test_grpo_layouts
         _close(ppo, read_metrics(tmp_path / name), PPO_KEYS, name, 1e-4)
+    for name in ("ppo-dp2-zero1", "ppo-dp2-zero3"):
+        _same_critic(ppo_dir, tmp_path / name, name, 1e-4)
+    zero3_rows = read_metrics(tmp_path / "ppo-dp2-zero3")
+    _close(zero3_rows, read_metrics(tmp_path / "ppo-dp2-zero3-resumed"), PPO_KEYS, "ppo-dp2-zero3 resumed", 1e-6)
+    _same_critic(tmp_path / "ppo-dp2-zero3", tmp_path / "ppo-dp2-zero3-resumed", "ppo-dp2-zero3 resumed", 1e-6)
+    _close(ppo, read_metrics(tmp_path / "ppo-single-resumed-zero3"), PPO_KEYS, "ppo-single resumed at zero3", 1e-4)
+    _same_critic(ppo_dir, tmp_path / "ppo-single-resumed-zero3", "ppo-single resumed at zero3", 1e-4)
