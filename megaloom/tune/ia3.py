@@ -26,7 +26,7 @@ from torch import nn
 from megaloom.config import Config
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.shard import ShardSpec
-from megaloom.tune.lora import COLUMN, LAYER_PREFIX, SITES, _site, site_pairs
+from megaloom.tune.lora import COLUMN, LAYER_PREFIX, SITES, adapted, block_linears, site_pairs
 from megaloom.tune.peft import place, seeded
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
@@ -103,34 +103,28 @@ def _scale_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Te
 def apply(chunk: nn.Module, cfg: Config, tp: TPGroup | None) -> None:
     """Insert the (IA)³ vectors of peft.targets into every block of `chunk`, all ones (PEFT's
     init_ia3_weights); each drawn through `seeded` like every method's parameters."""
-    for i, block in chunk.layers.items():
-        for site in SITES:
-            linear = _site(block, site)
-            ia3 = IA3(cfg, site, linear, tp)
-            if not len(ia3.scales):
-                continue
-            linear.ia3 = ia3
-            for key, p in ia3.scales.items():
-                full = p.shard_spec.full_shape if hasattr(p, "shard_spec") else tuple(p.shape)
-                place(p, seeded(cfg.train.seed, f"layers.{i}.{site}.ia3.scales.{key}", full, "ones"))
-            if ia3.feedforward:
-                linear.register_forward_pre_hook(_scale_input)
-            if ia3.segments and any(k for k, _ in ia3.segments):
-                linear.register_forward_hook(_scale_output)
+    for i, site, linear in block_linears(chunk):
+        ia3 = IA3(cfg, site, linear, tp)
+        if not len(ia3.scales):
+            continue
+        linear.ia3 = ia3
+        for key, p in ia3.scales.items():
+            full = p.shard_spec.full_shape if hasattr(p, "shard_spec") else tuple(p.shape)
+            place(p, seeded(cfg.train.seed, f"layers.{i}.{site}.ia3.scales.{key}", full, "ones"))
+        if ia3.feedforward:
+            linear.register_forward_pre_hook(_scale_input)
+        if ia3.segments and any(k for k, _ in ia3.segments):
+            linear.register_forward_hook(_scale_output)
 
 
 def peft_names(chunk: nn.Module) -> dict[str, tuple[str, ShardSpec | None]]:
     """layers.{i}.{site}.ia3.scales.{target} -> base_model.model.<layer>.<module>.ia3_l."""
     out = {}
-    for i, block in chunk.layers.items():
-        for site in SITES:
-            ia3 = getattr(_site(block, site), "ia3", None)
-            if ia3 is None:
-                continue
-            prefix = "base_model.model." + LAYER_PREFIX[chunk.cfg.family].format(i=i)
-            hf = {p.target: p.hf for p in site_pairs(chunk.cfg, site)}
-            for key, p in ia3.scales.items():
-                out[f"layers.{i}.{site}.ia3.scales.{key}"] = (f"{prefix}{hf[key]}.ia3_l", getattr(p, "shard_spec", None))
+    for i, site, _, ia3 in adapted(chunk, "ia3"):
+        prefix = "base_model.model." + LAYER_PREFIX[chunk.cfg.family].format(i=i)
+        hf = {p.target: p.hf for p in site_pairs(chunk.cfg, site)}
+        for key, p in ia3.scales.items():
+            out[f"layers.{i}.{site}.ia3.scales.{key}"] = (f"{prefix}{hf[key]}.ia3_l", getattr(p, "shard_spec", None))
     return out
 
 
@@ -155,20 +149,15 @@ def merge(chunk: nn.Module) -> None:
     """Fold every vector into its base weight (PEFT's merge): output rows of W and b scaled by l, or the
     input columns of W (feed-forward); then remove the vectors and hooks. Any layout: each rank scales
     its own shard by its own part of the vector."""
-    for block in chunk.layers.values():
-        for site in SITES:
-            linear = _site(block, site)
-            ia3 = getattr(linear, "ia3", None)
-            if ia3 is None:
-                continue
-            if ia3.feedforward:
-                (scale,) = ia3.scales.values()
-                linear.weight.mul_(scale.to(linear.weight.dtype))
-            else:
-                scale = ia3.output_scale(linear.weight)
-                linear.weight.mul_(scale.unsqueeze(1).to(linear.weight.dtype))
-                if linear.bias is not None:
-                    linear.bias.mul_(scale.to(linear.bias.dtype))
-            del linear.ia3
-            linear._forward_hooks.clear()
-            linear._forward_pre_hooks.clear()
+    for _, _, linear, ia3 in list(adapted(chunk, "ia3")):  # a list: each vector is removed as it merges
+        if ia3.feedforward:
+            (scale,) = ia3.scales.values()
+            linear.weight.mul_(scale.to(linear.weight.dtype))
+        else:
+            scale = ia3.output_scale(linear.weight)
+            linear.weight.mul_(scale.unsqueeze(1).to(linear.weight.dtype))
+            if linear.bias is not None:
+                linear.bias.mul_(scale.to(linear.bias.dtype))
+        del linear.ia3
+        linear._forward_hooks.clear()
+        linear._forward_pre_hooks.clear()

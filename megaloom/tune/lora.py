@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -228,22 +229,36 @@ def _site(block: nn.Module, site: str) -> nn.Module:
     return getattr(getattr(block, owner), attr)
 
 
+def block_linears(chunk: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """(layer index, site, base linear) of every block linear of `chunk` an adapter may wrap."""
+    for i, block in chunk.layers.items():
+        for site in SITES:
+            yield i, site, _site(block, site)
+
+
+def adapted(chunk: nn.Module, kind: str) -> Iterator[tuple[str, str, nn.Module, nn.Module]]:
+    """(layer index, site, base linear, adapter) of every block linear carrying a `kind` adapter
+    ("lora" for LoRA/DoRA, "ia3")."""
+    for i, site, linear in block_linears(chunk):
+        adapter = getattr(linear, kind, None)
+        if adapter is not None:
+            yield i, site, linear, adapter
+
+
 def apply(chunk: nn.Module, cfg: Config, tp: TPGroup | None) -> None:
     """Insert the LoRA/DoRA pairs of peft.targets into every block of `chunk`, initialised as PEFT does
     (A Kaiming-uniform: U(±1/sqrt(in)); B zero; DoRA's m is set from the base by `from_base`), each
     full A drawn from (train.seed, its name)."""
     wanted = set(targets(cfg))
-    for i, block in chunk.layers.items():
-        for site in SITES:
-            if not any(p.target in wanted for p in site_pairs(cfg.model, site)):
-                continue
-            linear = _site(block, site)
-            in_f = linear.weight.shape[1] * (tp.size if tp is not None and tp.size > 1 and site not in COLUMN else 1)
-            linear.lora = LoRA(cfg, site, int(i), in_f, tp)
-            for key, pair in linear.lora.pairs.items():
-                name = f"layers.{i}.{site}.lora.pairs.{key}.A"
-                place(pair.A, seeded(cfg.train.seed, name, (cfg.peft.rank, in_f), "uniform", 1 / math.sqrt(in_f)))
-            linear.register_forward_hook(_hook)
+    for i, site, linear in block_linears(chunk):
+        if not any(p.target in wanted for p in site_pairs(cfg.model, site)):
+            continue
+        in_f = linear.weight.shape[1] * (tp.size if tp is not None and tp.size > 1 and site not in COLUMN else 1)
+        linear.lora = LoRA(cfg, site, int(i), in_f, tp)
+        for key, pair in linear.lora.pairs.items():
+            name = f"layers.{i}.{site}.lora.pairs.{key}.A"
+            place(pair.A, seeded(cfg.train.seed, name, (cfg.peft.rank, in_f), "uniform", 1 / math.sqrt(in_f)))
+        linear.register_forward_hook(_hook)
 
 
 @torch.no_grad()
@@ -256,38 +271,29 @@ def from_base(chunk: nn.Module, cfg: Config) -> None:
     in the same order."""
     if cfg.peft.method != "dora":
         return
-    for block in chunk.layers.values():
-        for site in SITES:
-            linear = _site(block, site)
-            lora = getattr(linear, "lora", None)
-            if lora is None:
+    for _, _, linear, lora in adapted(chunk, "lora"):
+        weight = _dense_whole(linear.weight)
+        for key, offset, rows in lora.segments:
+            if key is None:
                 continue
-            weight = _dense_whole(linear.weight)
-            for key, offset, rows in lora.segments:
-                if key is None:
-                    continue
-                pair = lora.pairs[key]
-                w = weight[offset:offset + rows] if lora.column else weight
-                place_local(pair.magnitude, lora.weight_norm(w, whole(pair.A), whole(pair.B)))
+            pair = lora.pairs[key]
+            w = weight[offset:offset + rows] if lora.column else weight
+            place_local(pair.magnitude, lora.weight_norm(w, whole(pair.A), whole(pair.B)))
 
 
 def peft_names(chunk: nn.Module) -> dict[str, tuple[str, ShardSpec | None]]:
     cfg_family = chunk.cfg.family
     out = {}
-    for i, block in chunk.layers.items():
-        for site in SITES:
-            lora = getattr(_site(block, site), "lora", None)
-            if lora is None:
-                continue
-            prefix = "base_model.model." + LAYER_PREFIX[cfg_family].format(i=i)
-            hf = {p.target: p.hf for p in site_pairs(chunk.cfg, site)}
-            for key, pair in lora.pairs.items():
-                base = f"layers.{i}.{site}.lora.pairs.{key}"
-                out[f"{base}.A"] = (f"{prefix}{hf[key]}.lora_A.weight", getattr(pair.A, "shard_spec", None))
-                out[f"{base}.B"] = (f"{prefix}{hf[key]}.lora_B.weight", getattr(pair.B, "shard_spec", None))
-                if pair.magnitude is not None:
-                    out[f"{base}.magnitude"] = (f"{prefix}{hf[key]}.lora_magnitude_vector",
-                                                getattr(pair.magnitude, "shard_spec", None))
+    for i, site, _, lora in adapted(chunk, "lora"):
+        prefix = "base_model.model." + LAYER_PREFIX[cfg_family].format(i=i)
+        hf = {p.target: p.hf for p in site_pairs(chunk.cfg, site)}
+        for key, pair in lora.pairs.items():
+            base = f"layers.{i}.{site}.lora.pairs.{key}"
+            out[f"{base}.A"] = (f"{prefix}{hf[key]}.lora_A.weight", getattr(pair.A, "shard_spec", None))
+            out[f"{base}.B"] = (f"{prefix}{hf[key]}.lora_B.weight", getattr(pair.B, "shard_spec", None))
+            if pair.magnitude is not None:
+                out[f"{base}.magnitude"] = (f"{prefix}{hf[key]}.lora_magnitude_vector",
+                                            getattr(pair.magnitude, "shard_spec", None))
     return out
 
 
@@ -303,22 +309,17 @@ def peft_config(cfg: Config) -> dict:
 def merge(chunk: nn.Module) -> None:
     """Fold every adapter into its base weight and remove it (single process: `--to hf --merge`):
     W += s·B A (LoRA); W = m / ||W + s·B A|| · (W + s·B A) (DoRA, PEFT's merge)."""
-    for block in chunk.layers.values():
-        for site in SITES:
-            linear = _site(block, site)
-            lora = getattr(linear, "lora", None)
-            if lora is None:
+    for _, _, linear, lora in list(adapted(chunk, "lora")):  # a list: each adapter is removed as it merges
+        if lora.tp is not None:
+            raise ValueError("merging LoRA needs the single-process model (tp = 1)")
+        for key, offset, rows in lora.segments:
+            if key is None:
                 continue
-            if lora.tp is not None:
-                raise ValueError("merging LoRA needs the single-process model (tp = 1)")
-            for key, offset, rows in lora.segments:
-                if key is None:
-                    continue
-                pair = lora.pairs[key]
-                w = linear.weight[offset:offset + rows]
-                new = w + lora.scale * (pair.B @ pair.A)
-                if pair.magnitude is not None:
-                    new = (pair.magnitude / torch.linalg.norm(new, dim=1)).unsqueeze(1) * new
-                w.copy_(new)
-            del linear.lora
-            linear._forward_hooks.clear()
+            pair = lora.pairs[key]
+            w = linear.weight[offset:offset + rows]
+            new = w + lora.scale * (pair.B @ pair.A)
+            if pair.magnitude is not None:
+                new = (pair.magnitude / torch.linalg.norm(new, dim=1)).unsqueeze(1) * new
+            w.copy_(new)
+        del linear.lora
+        linear._forward_hooks.clear()
