@@ -90,16 +90,26 @@ def load_reward(spec: str, field: str) -> Reward:
 
 class PromptLoader:
     """Endless batches of prompt indices, reshuffled every epoch as the other loaders are: the order of an
-    epoch is a pure function of (seed, epoch), each step takes the next `batch_size` prompts and each
-    data-parallel rank its contiguous slice, so a resumed run and any layout draw the same prompts."""
+    epoch is a pure function of (seed, epoch) and each step takes the next `batch_size` prompts, so a resumed
+    run and any layout draw the same prompts.
 
-    def __init__(self, n: int, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
-        if batch_size % dp_size:
-            raise DataError(f"train.global_batch: {batch_size} is not divisible by parallel.dp={dp_size}")
+    A batch is `batch_size // minibatch` mini-batches of `minibatch` consecutive prompts (PPO's rollout of
+    several optimizer steps; one for GRPO), and each data-parallel rank takes its contiguous slice of every
+    mini-batch: rank r holds, for each mini-batch k, prompts k·m + r·m/dp ... k·m + (r+1)·m/dp - 1, so that
+    mini-batch k is the same set of prompts in every layout (`shares` says where its rows sit in the batch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
+                 minibatch: int | None = None):
+        minibatch = minibatch or batch_size
+        if minibatch % dp_size:
+            raise DataError(f"train.global_batch: {minibatch} is not divisible by parallel.dp={dp_size}")
+        if batch_size % minibatch:
+            raise DataError(f"rl.rollout_batch: {batch_size} is not a multiple of train.global_batch={minibatch}")
         if n < batch_size:
             raise DataError(f"train.global_batch: the train split has {n} prompts, fewer than a batch of {batch_size}; "
                             "use more data or a smaller batch")
         self.n, self.batch_size, self.seed, self.dp_rank, self.dp_size = n, batch_size, seed, dp_rank, dp_size
+        self.minibatch = minibatch
         self.num_docs = n
         self.epoch, self.step = 0, 0
         self.order = self._order(0)
@@ -107,22 +117,33 @@ class PromptLoader:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
+    def shares(self) -> list[tuple[int, int, int]]:
+        """(first, count, position) of each of this rank's slices: prompts [first, first + count) of its own
+        batch are prompts [position, position + count) of the whole batch, one slice per mini-batch."""
+        local = self.minibatch // self.dp_size
+        return [(k * local, local, k * self.minibatch + self.dp_rank * local)
+                for k in range(self.batch_size // self.minibatch)]
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt indices, epoch) of this rank's slice of the next global batch."""
+        """(prompt indices, epoch) of this rank's slices of the next global batch."""
         if (self.step + 1) * self.batch_size > self.n:
             self.epoch, self.step = self.epoch + 1, 0
             self.order = self._order(self.epoch)
-        local = self.batch_size // self.dp_size
-        first = self.step * self.batch_size + self.dp_rank * local
+        start = self.step * self.batch_size
         self.step += 1
-        ids = torch.from_numpy(self.order[first:first + local].astype(np.int64))
+        picked = np.concatenate([self.order[start + position:start + position + count]
+                                 for _, count, position in self.shares()])
+        ids = torch.from_numpy(picked.astype(np.int64))
         return ids, torch.full_like(ids, self.epoch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "n": self.n, "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "n": self.n, "batch_size": self.batch_size,
+                "minibatch": self.minibatch}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "n", "batch_size"):
+        for key in ("seed", "n", "batch_size", "minibatch"):
+            if key == "minibatch" and key not in state:  # checkpoints of older versions did not record it
+                continue
             if state.get(key) != getattr(self, key):
                 raise DataError(f"data loader state: {key}={state.get(key)} in the checkpoint but {getattr(self, key)} "
                                 "now; resume with the settings and data it was saved with, or start a fresh run")

@@ -1,19 +1,19 @@
 """train.objective = "ppo": PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022) on the engine.
 
-A rollout takes `rl.rollout_batch` prompts (this replica's share), samples `rl.group_size` completions each
-with the rollout machinery GRPO uses (megaloom/align/grpo.py), scores each completion with `rl.reward` (a
-Python function as for GRPO, or a reward model's run directory: `train.objective = "reward"`, built frozen on
-the same grid as its own run built it, PEFT adapters and pretrained base included, and read at each completion's
-last token: megaloom/align/reward_model.py), and runs the policy forward-only once to record, per
-completion token, its log-probability and its value. The per-token reward is the score on the last token
-minus `kl_coef`·KL_t (k1) to the reference (megaloom/align/reference.py; `kl.kl_penalized_rewards`; the
+A rollout takes `rl.rollout_batch` prompts (this replica's share: its slice of each mini-batch), samples
+`rl.group_size` completions each with the rollout machinery GRPO uses (megaloom/align/grpo.py), scores each
+completion with `rl.reward` (a Python function as for GRPO, or a reward model's run directory: `train.objective =
+"reward"`, built frozen on the same grid as its own run built it, PEFT adapters and pretrained base included, and
+read at each completion's last token: megaloom/align/reward_model.py), and runs the policy forward-only once to
+record, per completion token, its log-probability and its value. The per-token reward is the score on the last
+token minus `kl_coef`·KL_t (k1) to the reference (megaloom/align/reference.py; `kl.kl_penalized_rewards`; the
 coefficient fixed or, with `rl.kl_target`, adapted per rollout by `kl.AdaptiveKLController`); GAE
 (`advantages.gae`, `rl.gamma`, `rl.lam`) gives advantages and returns; the advantages are whitened over the
 rollout.
 
 Then `rl.ppo_epochs` passes over the rollout, `train.global_batch` prompts' completions per optimizer step, in
-order (no shuffling, so that every data-parallel layout forms the same mini-batches; with one mini-batch per
-rollout only, as yet: docs/alignment.md): the loss is
+order (no shuffling; mini-batch k is the same prompts in every data-parallel layout, each replica holding its
+slice of each mini-batch: `PromptLoader.shares`): the loss is
 `policy.ppo_policy_loss` (clipped surrogate, `rl.clip`) + `rl.vf_coef`·`policy.ppo_value_loss` (clipped at
 `rl.value_clip` around the rollout's values) − `rl.entropy_coef`·entropy. With `rl.critic = "shared"` the
 critic shares the policy's trunk: a value head `value` (hidden -> 1 on the last stage, from `train.seed`), so
@@ -21,8 +21,8 @@ one model, one optimizer. With `"separate"` it is a second model with its own tr
 (megaloom/align/critic.py), trained by the value loss on the same mini-batch before each policy update; the
 policy's loss is then the surrogate and the entropy bonus only.
 A rollout that is in progress is saved in checkpoints (where it stands in the loader's state, its rows as
-entries split over the data-parallel replicas: `PPOObjective.entries`): a resumed run, in any layout, goes on
-with the same rollout.
+entries in the one-process order, each replica's slices at their places: `PPOObjective.entries`): a resumed
+run, in any layout, goes on with the same rollout.
 
 Metrics: `reward`, `completion_tokens`, `generation_tokens_per_s`, `kl`, `kl_coef`, `entropy`,
 `clip_fraction`, `approx_kl`, `value_loss`, `value_clip_fraction`, and `critic_grad_norm` (a separate critic).
@@ -58,12 +58,14 @@ ROLLOUT = "rollout/"  # the checkpoint entries of the rollout in progress
 
 class RolloutLoader(PromptLoader):
     """Prompts per rollout, and which mini-batch of the rollout each step trains on: a new rollout of
-    `rollout` prompts every `steps_per_rollout` steps. Its state says where the rollout in progress stands; the
-    rollout's rows themselves are this replica's own, so checkpoints hold them as tensors split over the
-    data-parallel replicas (`PPOObjective.entries`), not in this state, which is the same on every rank."""
+    `rollout` prompts every `steps_per_rollout` steps, this replica's slice of each of its `minibatch`-prompt
+    mini-batches in turn (so its k-th part is its share of mini-batch k). Its state says where the rollout in
+    progress stands; the rollout's rows themselves are this replica's own, so checkpoints hold them as tensors
+    split over the data-parallel replicas (`PPOObjective.entries`), not in this state, which is the same on
+    every rank."""
 
     def __init__(self, n: int, rollout: int, minibatch: int, epochs: int, seed: int, dp_rank: int, dp_size: int):
-        super().__init__(n, rollout, seed, dp_rank, dp_size)
+        super().__init__(n, rollout, seed, dp_rank, dp_size, minibatch)
         self.minibatches = rollout // minibatch
         self.steps_per_rollout = epochs * self.minibatches
         self.position = 0  # steps taken in the current rollout
@@ -121,8 +123,9 @@ class PPOObjective(RolloutObjective):
 
     def entries(self) -> dict:
         """The separate critic's state, and the rollout in progress: each field a tensor over the whole rollout,
-        rows (prompts x completions) in the order of the prompts, of which each data-parallel replica holds its
-        contiguous share (`PromptLoader`), so that a run resumed in any layout reads its own. The statistics
+        rows (prompts x completions) in the one-process order of the prompts, of which each data-parallel replica
+        holds its slice of every mini-batch (`PromptLoader.shares`), so that a run resumed in any layout reads its
+        own. The statistics
         (log-probabilities, values, advantages...) are the last pipeline stage's: the others hold zeros."""
         out = self.critic.entries() if self.critic is not None else {}
         rows = self.loader.rows
@@ -131,15 +134,18 @@ class PPOObjective(RolloutObjective):
         return out
 
     def _rollout_entries(self, rows: dict[str, torch.Tensor], grid: Any) -> dict:
+        """One piece per mini-batch: this replica's rows of mini-batch k sit at their place in the whole
+        rollout, in the one-process order (`PromptLoader.shares`)."""
         from megaloom.train.sharded_state import Piece, Sharded
 
-        out = {}
+        out, g = {}, self.rows  # rows per prompt
         for name, v in rows.items():
             if name in FIELDS and not self.is_last:  # zeros here: the last stage writes them
                 continue
-            b = v.shape[0]
-            full = (b * grid.dp, *v.shape[1:])
-            out[f"{ROLLOUT}{name}"] = Sharded(full, [Piece(v, (grid.dp_rank * b,) + (0,) * (v.dim() - 1))])
+            full = (v.shape[0] * grid.dp, *v.shape[1:])
+            rest = (0,) * (v.dim() - 1)
+            out[f"{ROLLOUT}{name}"] = Sharded(full, [Piece(v[first * g:(first + count) * g], (position * g, *rest))
+                                                     for first, count, position in self.loader.shares()])
         return out
 
     def _resume_rollout(self, trainer: Any) -> None:

@@ -76,9 +76,10 @@ class Teacher:
         from megaloom.interop.load import _peft_hook, fill_model
         from megaloom.train.assemble import build_parallel_model
 
-        pm = build_parallel_model(self.cfg, grid, device, trainable=False, adapt=_peft_hook(self.cfg))
+        adapt = _peft_hook(self.cfg)
+        pm = build_parallel_model(self.cfg, grid, device, trainable=False, adapt=adapt)
         group = dist.new_group(backend="gloo") if dist.is_initialized() and grid.world_size > 1 else None
-        fill_model(pm.model, self.cfg, self.ckpt, group)
+        fill_model(pm.model, self.cfg, self.ckpt, group, adapt)
         pm.model.eval()
         return pm
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,9 @@ from megaloom.parallel.grid import ProcessGrid
 from megaloom.train.assemble import ParallelModel, build_parallel_model
 from megaloom.train.checkpoint import check_model_keys, latest_checkpoint, load
 from megaloom.train.sharded_state import Sharded, model_entries
+
+if TYPE_CHECKING:
+    from megaloom.tune.peft import PeftHook
 
 
 def is_pretrained(path: str | Path) -> bool:
@@ -73,18 +77,23 @@ class PretrainedWeights:
 
 
 def fill_model(model: torch.nn.Module, cfg: Config, ckpt: Path | None,
-               group: dist.ProcessGroup | None = None) -> None:
+               group: dist.ProcessGroup | None = None, adapt: PeftHook | None = None) -> None:
     """Fill `model` (a model, a tensor-parallel shard, pipeline chunks, FSDP-sharded) from the checkpoint
     `ckpt`, or from model.pretrained when `ckpt` is None. Collective over `group` for a checkpoint.
-    A PEFT run (peft.method): the frozen base from model.pretrained (else it keeps its seeded
-    initialisation), the adapters from `ckpt`."""
+    A PEFT run (peft.method, `adapt` the hook `model` was built with): the frozen base from model.pretrained
+    (else it keeps its seeded initialisation), the adapters from `ckpt`, then the hook's `loaded` as the trainer
+    calls it once the base holds its weights (peft.quantize_base = "nf4": the base in NF4, as trained)."""
     if cfg.peft.method != "none" and ckpt is not None:
+        if adapt is None:
+            raise ValueError(f"fill_model: {ckpt} is a peft.method = '{cfg.peft.method}' run; pass the PEFT hook the "
+                             "model was built with (adapt=_peft_hook(cfg))")
         if cfg.model.pretrained:
             PretrainedWeights(cfg.model)(model_entries(model, lambda p: not getattr(p, "adapter", False)))
         state = model_entries(model, lambda p: getattr(p, "adapter", False))
         check_model_keys(ckpt, state, group)
         with torch.no_grad():
             load(ckpt, state, group)
+            adapt.loaded(model, fresh=False)  # not fresh: DoRA's magnitudes and peft.init's adapters are in ckpt
         return
     state = model_entries(model)
     if ckpt is None:
@@ -106,11 +115,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     else:  # the base initialised from the seed (a PEFT run without model.pretrained), then the adapters
         model = build_model(cfg.model, cfg.train.seed)
         adapt(model, None)
-    fill_model(model, cfg, ckpt)
+    fill_model(model, cfg, ckpt, adapt=adapt)
     return model.to(device).eval(), tokenizer_of(path, ckpt), cfg
 
 
-def _peft_hook(cfg: Config):  # noqa: ANN202 (megaloom.tune.peft.PeftHook | None)
+def _peft_hook(cfg: Config) -> PeftHook | None:
     """The adapters of a PEFT run's checkpoint need their modules built first (megaloom/tune)."""
     if cfg.peft.method == "none":
         return None
@@ -125,10 +134,11 @@ def load_parallel_model(path: str | Path, grid: ProcessGrid, device: torch.devic
     and config. `overrides` must give the grid's sizes when they are not the config's (parallel.tp=...,
     parallel.pp=..., parallel.dp=...), and the micro-batch and schedule a pipeline runs. Collective."""
     cfg, ckpt = resolve(path, overrides)
-    pm = build_parallel_model(cfg, grid, device, trainable=False, adapt=_peft_hook(cfg))
+    adapt = _peft_hook(cfg)
+    pm = build_parallel_model(cfg, grid, device, trainable=False, adapt=adapt)
     group = None
     if dist.is_initialized() and grid.world_size > 1:
         group = dist.new_group(backend="gloo")  # checkpoint metadata over gloo, whatever the training backend
-    fill_model(pm.model, cfg, ckpt, group)
+    fill_model(pm.model, cfg, ckpt, group, adapt)
     pm.model.eval()
     return pm, tokenizer_of(path, ckpt), cfg

@@ -308,7 +308,11 @@ def peft_config(cfg: Config) -> dict:
 @torch.no_grad()
 def merge(chunk: nn.Module) -> None:
     """Fold every adapter into its base weight and remove it (single process: `--to hf --merge`):
-    W += s·B A (LoRA); W = m / ||W + s·B A|| · (W + s·B A) (DoRA, PEFT's merge)."""
+    W += s·B A (LoRA); W = m / ||W + s·B A|| · (W + s·B A) (DoRA, PEFT's merge). An NF4 base (QLoRA) is
+    dequantised first (all of it, adapted or not): the merged weights are those the run computed with."""
+    from megaloom.tune.qlora import dequantize_base
+
+    dequantize_base(chunk)
     for _, _, linear, lora in list(adapted(chunk, "lora")):  # a list: each adapter is removed as it merges
         if lora.tp is not None:
             raise ValueError("merging LoRA needs the single-process model (tp = 1)")

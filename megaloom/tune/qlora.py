@@ -81,6 +81,21 @@ def quantize_base(chunk: nn.Module, tp: TPGroup | None = None) -> int:
     return done
 
 
+def dequantize_base(chunk: nn.Module) -> int:
+    """The single-process inverse of `quantize_base` (before merging adapters and exporting the base): every
+    NF4 block linear weight of `chunk` becomes a plain frozen parameter holding its dequantised value, the
+    weight the NF4 run computed with; the count."""
+    done = 0
+    for block in chunk.layers.values():
+        for site in SITES:
+            owner, attr = site.split(".")
+            linear = getattr(getattr(block, owner), attr)
+            if hasattr(linear.weight, "get_original_weight"):  # torchao's NF4Tensor
+                linear.weight = nn.Parameter(linear.weight.get_original_weight(), requires_grad=False)
+                done += 1
+    return done
+
+
 def _gather_tp(shard: torch.Tensor, spec: ShardSpec, tp: TPGroup) -> torch.Tensor:
     parts = [torch.empty_like(shard) for _ in range(tp.size)]
     dist.all_gather(parts, shard.contiguous(), group=tp.group)

@@ -1,7 +1,8 @@
 """train.objective = "grpo": rollouts sampled on the engine's own model (KV cache, tensor- and pipeline-
 parallel), rewards from a Python function, group-normalised advantages, the GRPO loss with a k3 KL to a frozen
 reference. The trainer's losses, gradient norms, rewards and KL at tp = 2, pp = 2 and dp = 2 equal the single-
-process run to 1e-5 (the same prompts, the same sampling seeds, so the same completions); one launch. The
+process run (step 1 to 1e-5, later steps 1e-4; the same prompts, the same sampling seeds, so the same
+completions); one launch. The
 loss and its estimators equal TRL's / torchtune's: tests/unit/test_align_rl.py."""
 
 import json
@@ -34,8 +35,9 @@ def _sets(tmp, *extra):
 
 def test_grpo_and_ppo_layouts_equal_one_process(tmp_path):
     """GRPO (with a k3 KL to the reference) and PPO (a value head, GAE, an adaptive KL coefficient, two epochs over
-    each rollout, an entropy bonus) at tp = 2, pp = 2, dp = 2 equal one process; a PPO run resumed from a
-    checkpoint taken in the middle of a rollout continues exactly (the rollout and the KL coefficient are in it)."""
+    each rollout, an entropy bonus) at tp = 2, pp = 2, dp = 2 equal one process, PPO at dp = 2 also with two
+    mini-batches per rollout; a PPO run resumed from a checkpoint taken in the middle of a rollout continues
+    exactly (the rollout and the KL coefficient are in it), also at dp = 2 from a one-process checkpoint."""
     words = "alpha beta gamma delta epsilon zeta eta theta".split()
     with open(tmp_path / "prompts.jsonl", "w") as f:
         for i in range(30):
@@ -61,13 +63,27 @@ def test_grpo_and_ppo_layouts_equal_one_process(tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     train_config(_ppo_sets(tmp_path, "checkpoint.every=1", "checkpoint.keep=4"), resumed)
     _equal(ppo, read_metrics(resumed), ("loss", "grad_norm", "kl_coef", "value_loss", "entropy"), "ppo-resumed")
+    # two mini-batches per rollout (4 prompts, 2 per step, two epochs: one rollout in the 4 steps): mini-batch k is
+    # the same prompts in every layout; a dp = 2 run resumed from the one-process checkpoint of step 1 goes on with
+    # mini-batch 1, read from the rows the one process wrote
+    mb_sets = _ppo_sets(tmp_path, "rl.rollout_batch=4", "checkpoint.every=1", "checkpoint.keep=4")
+    train_config(mb_sets, tmp_path / "ppo-mb")
+    mb = read_metrics(tmp_path / "ppo-mb")
+    assert "kl" in mb[0] and not any("kl" in r for r in mb[1:])  # one rollout
+    shutil.copytree(tmp_path / "ppo-mb", tmp_path / "ppo-mb-dp2-resumed")
+    for step in (2, 3, 4):
+        shutil.rmtree(tmp_path / "ppo-mb-dp2-resumed" / "checkpoints" / f"step_{step:08d}")
 
     layouts = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": ["parallel.dp=2"]}
     ppo_layouts = {"ppo-tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"], "ppo-pp2": ["parallel.pp=2"],
                    "ppo-dp2": ["parallel.dp=2"]}
     runs = [(_sets(tmp_path, *extra), tmp_path / name) for name, extra in layouts.items()]
     runs += [(_ppo_sets(tmp_path, *extra), tmp_path / name) for name, extra in ppo_layouts.items()]
-    run_workers(train_configs, 2, runs, timeout=400)
+    runs += [(mb_sets + ["parallel.dp=2"], tmp_path / name) for name in ("ppo-mb-dp2", "ppo-mb-dp2-resumed")]
+    run_workers(train_configs, 2, runs, timeout=500)
+    for name in ("ppo-mb-dp2", "ppo-mb-dp2-resumed"):
+        _equal(mb, read_metrics(tmp_path / name),
+               ("loss", "grad_norm", "reward", "kl", "kl_coef", "value_loss", "entropy", "clip_fraction"), name)
     for name in ppo_layouts:
         _equal(ppo, read_metrics(tmp_path / name),
                ("loss", "grad_norm", "reward", "kl", "kl_coef", "value_loss", "entropy", "clip_fraction"), name)
@@ -75,8 +91,11 @@ def test_grpo_and_ppo_layouts_equal_one_process(tmp_path):
         ours = read_metrics(tmp_path / name)
         assert [r["step"] for r in ours] == [1, 2, 3], name
         for a, b in zip(rows, ours):
+            # step 1 to 1e-5; after updates at lr 1e-2 the tp run's other reduction order has reached 2e-5 by
+            # step 3 (seen once in about 17 runs), so later steps to 1e-4, still far below a wrong term's percents
+            tol = 1e-5 if a["step"] == 1 else 1e-4
             for key in ("loss", "grad_norm", "reward", "kl", "completion_tokens"):
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (name, key, a["step"])
+                assert b[key] == pytest.approx(a[key], rel=tol, abs=tol), (name, key, a["step"])
         assert ours[-1]["val_reward"] == pytest.approx(rows[-1]["val_reward"], abs=1e-6), name
 
 

@@ -332,3 +332,33 @@ def test_nf4_layout_rules_equal_the_index_arithmetic():
                 assert _whole_blocks(_runs(out_f, in_f, dim, blocks, tp, rank)) == whole, (m, site, tp, rank)
                 seen.add((dim, whole))
     assert len(seen) == 4  # column- and row-parallel parts, whole and cut
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_qlora_run_loads_for_eval_and_generate_on_its_nf4_base(tiny, tmp_path, method):
+    """`megaloom eval` / `generate` (eval.load.load_for_inference) and interop.load_model of a QLoRA (QDoRA) run
+    compute with the NF4 base the run trained on: the logits of the trainer's own model at its last step; so does
+    its merged export (`convert --to hf --merge`: the dequantised NF4 base with the adapters folded in)."""
+    from transformers import AutoModelForCausalLM
+
+    from megaloom.eval.load import load_for_inference
+    from megaloom.parallel.launch import LaunchEnv
+    from tests.distributed.launch import train_config
+
+    run = tmp_path / "run"
+    args = [f"model.pretrained='{tiny['llama-gqa']}'", "model.seq_len=32", "train.steps=2", "train.global_batch=2",
+            "train.micro_batch=2", "train.lr=0.01", "train.warmup=0", "train.eval_batches=1", "train.samples=0",
+            "data.max_bytes=60000", "data.val_fraction=0.3", f"data.dir='{tmp_path / 'corpus'}'",
+            "checkpoint.every=2", f"peft.method='{method}'", "peft.rank=4", "peft.quantize_base='nf4'", *QUIET]
+    trainer = train_config(args, run, config=None)
+    tokens = TOKENS[:, :32]
+    with torch.no_grad():
+        want = trainer.model.eval()(tokens)
+        loaded = load_for_inference(run, LaunchEnv())
+        for name, model in (("load_for_inference", loaded.pm.model), ("load_model", load_model(run)[0])):
+            diff = (model(tokens) - want).abs().max().item()
+            assert diff <= 1e-5, f"{method} + nf4 via {name}: max |logit difference| to the trainer's = {diff}"
+        assert main(["convert", str(run), str(tmp_path / "merged"), "--to", "hf", "--merge"]) == 0
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        diff = (merged(input_ids=tokens).logits - want).abs().max().item()
+        assert diff <= 1e-5, f"{method} + nf4 merged: max |logit difference| to the trainer's = {diff}"

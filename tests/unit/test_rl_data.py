@@ -59,6 +59,18 @@ def test_prompt_loader_order_is_layout_independent():
     assert again.next_batch()[0].tolist() == whole.next_batch()[0].tolist()
 
 
+def test_prompt_loader_minibatch_k_is_the_same_prompts_in_every_layout():
+    """PPO's rollout of 8 prompts in mini-batches of 4: at dp = 2 rank r holds, of each mini-batch, its half."""
+    whole = PromptLoader(20, 8, seed=3, minibatch=4)
+    halves = [PromptLoader(20, 8, seed=3, dp_rank=r, dp_size=2, minibatch=4) for r in range(2)]
+    assert halves[1].shares() == [(0, 2, 2), (2, 2, 6)]  # (first, count, position in the whole batch)
+    for _ in range(3):  # across an epoch boundary
+        ids = whole.next_batch()[0].tolist()
+        parts = [h.next_batch()[0].tolist() for h in halves]
+        for k in range(2):
+            assert ids[4 * k:4 * k + 4] == parts[0][2 * k:2 * k + 2] + parts[1][2 * k:2 * k + 2]
+
+
 def test_plot_draws_a_metric_and_names_the_fields_it_lacks(tmp_path):
     from megaloom.errors import ConfigError
     from megaloom.observe.plots import plot_loss
