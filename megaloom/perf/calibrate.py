@@ -13,6 +13,10 @@ What the planner would otherwise take from a data sheet and an assumption, measu
   per head, two tokens), timed at 1 and 4 layers: the difference per layer is one layer's fixed cost,
   the rest the embedding's and the head's. On a CPU this is most of a small model's step; on a GPU it
   is the host time a pass cannot finish under, however small its kernels.
+- The memory-bound kernels' rate (`fit_kernel_rate`): megaloom's own layer at the config's real shapes (one
+  micro-batch, tp = 1, 1 and 4 layers taking turns), forward + backward, and the rate at which the planner's
+  memory-bound kernels make its layer formula last as long. A large copy measures the memory system; small
+  kernels (GeLU's tanh, softmax's exp, short elementwise loops, launch-bound kernels on a GPU) stay below it.
 - Collectives, when launched on several processes (torchrun): all-reduce, all-gather and a
   point-to-point send over the whole world at sizes from 4 KiB to 4 MiB, each fitted by least
   squares to the alpha-beta model the planner uses (`collectives.py`: ring all-reduce
@@ -101,18 +105,19 @@ OVERHEAD_LAYERS = 4  # the deeper of the two tiny models; the shallower has one 
 GEMMS_PER_PASS = {"layer_forward": 4, "layer_backward": 8, "head_forward": 1, "head_backward": 2}
 
 
-def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[str, float]:
-    """Seconds per pass that megaloom's own program spends beyond its arithmetic (see the module
-    docstring): OVERHEADS -> seconds, each a median over timed repetitions, never below 0."""
+def _time_depths(model_cfg, cfg: Config, device: torch.device, x: torch.Tensor, n: int,
+                 embedding: bool = False) -> dict[str, float]:
+    """Medians of forward, backward and optimizer step (`forward1`, ..., `step4`) of megaloom's model
+    `model_cfg` at 1 and OVERHEAD_LAYERS layers on the tokens `x` (and, with `embedding`, of a 1-layer
+    model's embedding alone: `embedding_forward`, `embedding_backward`); the depths take turns, so a busy
+    host slows them alike, and the first three rounds warm up."""
     from dataclasses import replace
 
     from megaloom.model import build_model
     from megaloom.train.optim import build_optimizer
 
-    precision, n = cfg.train.precision, max(20, 10 * repeats)
+    precision = cfg.train.precision
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    tiny = replace(cfg.model, hidden=2 * cfg.model.heads, ffn_hidden=8, vocab_size=8, seq_len=2)
-    x = torch.zeros(1, 2, dtype=torch.long, device=device)
 
     def timed(fn: Callable[[], object]) -> float:
         sync()
@@ -121,10 +126,9 @@ def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[s
         sync()
         return time.perf_counter() - t0
 
-    # the two depths (and the embedding alone) take turns, so a busy host slows them alike
-    models = [build_model(replace(tiny, layers=k), cfg.train.seed, device) for k in (1, OVERHEAD_LAYERS)]
+    models = [build_model(replace(model_cfg, layers=k), cfg.train.seed, device) for k in (1, OVERHEAD_LAYERS)]
     opts = [build_optimizer(mod, cfg.train) for mod in models]
-    emb = build_model(replace(tiny, layers=1), cfg.train.seed, device).embed
+    emb = build_model(replace(model_cfg, layers=1), cfg.train.seed, device).embed if embedding else None
     times: dict[str, list[float]] = {}
     for _ in range(n + 3):
         for mod, opt, k in zip(models, opts, (1, OVERHEAD_LAYERS)):
@@ -138,15 +142,26 @@ def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[s
             opt.zero_grad(set_to_none=False)
             for name, t in zip(("forward", "backward", "step"), row):
                 times.setdefault(f"{name}{k}", []).append(t)
-        box = []
+        if emb is not None:
+            box = []
 
-        def embed(box: list = box) -> None:
-            with autocast(precision, device):
-                box.append(emb(x).float().sum())
+            def embed(box: list = box) -> None:
+                with autocast(precision, device):
+                    box.append(emb(x).float().sum())
 
-        times.setdefault("embedding_forward", []).append(timed(embed))
-        times.setdefault("embedding_backward", []).append(timed(lambda box=box: box[0].backward()))
-    med = {k: statistics.median(v[3:]) for k, v in times.items()}  # the first three warm up
+            times.setdefault("embedding_forward", []).append(timed(embed))
+            times.setdefault("embedding_backward", []).append(timed(lambda box=box: box[0].backward()))
+    return {k: statistics.median(v[3:]) for k, v in times.items()}
+
+
+def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds per pass that megaloom's own program spends beyond its arithmetic (see the module
+    docstring): OVERHEADS -> seconds, each a median over timed repetitions, never below 0."""
+    from dataclasses import replace
+
+    n = max(20, 10 * repeats)
+    tiny = replace(cfg.model, hidden=2 * cfg.model.heads, ffn_hidden=8, vocab_size=8, seq_len=2)
+    med = _time_depths(tiny, cfg, device, torch.zeros(1, 2, dtype=torch.long, device=device), n, embedding=True)
     out = {"embedding_forward": med["embedding_forward"], "embedding_backward": med["embedding_backward"]}
     for name, key in (("forward", "layer_forward"), ("backward", "layer_backward"), ("step", "optimizer_layer")):
         out[key] = (med[f"{name}{OVERHEAD_LAYERS}"] - med[f"{name}1"]) / (OVERHEAD_LAYERS - 1)
@@ -158,6 +173,58 @@ def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[s
     for key, count in GEMMS_PER_PASS.items():
         out[key] -= count * gemm
     return {k: max(0.0, out[k]) for k in OVERHEADS}
+
+
+def measure_layer(cfg: Config, device: torch.device, repeats: int) -> float:
+    """Seconds of one of megaloom's layers, forward + backward, at the config's own shapes (one micro-batch of
+    train.micro_batch x seq_len tokens, the whole layer on one device): the difference between the model at
+    1 and at OVERHEAD_LAYERS layers, per layer; a median over timed repetitions (`fit_kernel_rate` reads it)."""
+    m = cfg.model
+    x = torch.randint(0, m.vocab_size, (cfg.train.micro_batch, m.seq_len), device=device,
+                      generator=torch.Generator(device).manual_seed(0))
+    med = _time_depths(m, cfg, device, x, max(10, 4 * repeats))
+    per = [(med[f"{p}{OVERHEAD_LAYERS}"] - med[f"{p}1"]) / (OVERHEAD_LAYERS - 1) for p in ("forward", "backward")]
+    return max(0.0, sum(per))
+
+
+def fit_kernel_rate(cfg: Config, measured: dict) -> float | None:
+    """The rate (bytes read + written per second) at which the planner's memory-bound kernels make its layer
+    pass (forward + backward, tp = 1, the config's micro-batch, this device's measured GEMMs and fixed costs)
+    last the `layer_seconds` megaloom's own layer measured; None where even infinitely fast memory-bound
+    kernels leave the planner's layer slower than the measured one (then the copy bandwidth stands).
+
+    A large copy measures the memory system; small kernels on a CPU run their arithmetic (tanh of GeLU, exp of
+    softmax) and their loops below it, and on a GPU launch-bound small kernels do the same: this is the rate the
+    model's own kernels reach, found by bisection on the planner's own pass formula (`StageCosts.layer`)."""
+    from dataclasses import replace
+
+    from megaloom.perf.cluster import cluster_from_text
+    from megaloom.perf.costs import Job, StageCosts
+
+    one = replace(cfg, parallel=replace(cfg.parallel, tp=1, pp=1, dp=1, chunks=1, zero=0, sequence_parallel=False,
+                                        layers_per_stage=[]),
+                  train=replace(cfg.train, global_batch=cfg.train.micro_batch))
+    cluster = cluster_from_text(render_cluster({**measured, "world": 1, "links": {}, "kernel_gbps": None}, "fit"),
+                                "the calibration being written")
+    target = measured["layer_seconds"]
+
+    def layer(gbps: float) -> float:
+        device = replace(cluster.device, kernel_gbps=gbps)
+        costs = StageCosts(Job.from_config(one, replace(cluster, measured=device), 1))
+        return costs.layer.forward + costs.layer.backward
+
+    lo, hi = measured["copy_gbps"] * 1e-4, measured["copy_gbps"] * 1e4
+    if target <= 0 or layer(hi) >= target:
+        return None
+    for _ in range(200):  # layer() falls as the rate rises: bisect on its logarithm
+        mid = (lo * hi) ** 0.5
+        if layer(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-9:
+            break
+    return (lo * hi) ** 0.5
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -221,6 +288,7 @@ def calibrate(out: Path, cfg: Config, command: str, repeats: int = 5) -> dict:
     gemms = measure_gemms(planner_gemm_shapes(cfg, tps), device, dtype, repeats)
     copy = measure_copy(device, repeats=repeats)
     overheads = measure_overheads(cfg, device, repeats)
+    layer = measure_layer(cfg, device, repeats)
     links = measure_collectives(device, repeats) if world > 1 else {}
     cpu = f"cpu ({platform.processor() or platform.machine()})"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
@@ -228,7 +296,8 @@ def calibrate(out: Path, cfg: Config, command: str, repeats: int = 5) -> dict:
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, world))
     measured = {"device": name, "world": world, "dtype": str(dtype).removeprefix("torch."), "gemms": gemms,
                 "copy_gbps": copy / 1e9, "overheads": overheads, "host_bound": device.type == "cpu",
-                "memory_gib": memory / 2**30, "links": links}
+                "memory_gib": memory / 2**30, "links": links, "layer_seconds": layer}
+    measured["kernel_gbps"] = fit_kernel_rate(cfg, measured)
     if rank == 0:
         out.write_text(render_cluster(measured, command), encoding="utf-8")
     return measured
@@ -263,7 +332,11 @@ def render_cluster(measured: dict, command: str) -> str:
         f"name = {_toml_str(measured['device'])}",
         f"peak_tflops = {best:.6g}  # the best measured GEMM rate stands for the peak",
         f"memory_gib = {measured['memory_gib']:.6g}",
-        f"copy_gbps = {measured['copy_gbps']:.6g}",
+        f"copy_gbps = {measured['copy_gbps']:.6g}  # a 256 MiB device-to-device copy, bytes read + written",
+        f"# megaloom's layer at the config's shapes, forward + backward: {measured['layer_seconds'] * 1e3:.6g} ms;",
+        *(["# the memory-bound kernels' rate that makes the planner's layer take as long (calibrate.fit_kernel_rate)",
+           f"kernel_gbps = {measured['kernel_gbps']:.6g}"] if measured.get("kernel_gbps") else
+          ["# no kernel rate: the planner's GEMMs and fixed costs alone already take as long (copy_gbps stands)"]),
         f"host_bound = {'true' if measured['host_bound'] else 'false'}  # "
         + ("a CPU: dispatch and arithmetic add up" if measured["host_bound"]
            else "launches run ahead: a pass takes the longer of its kernels and its host time"),

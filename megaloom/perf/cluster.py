@@ -127,10 +127,14 @@ def _measured_device(t: dict, where: str) -> Device:
     if not isinstance(overheads, dict) or set(overheads) - known or any(float(v) < 0 for v in overheads.values()):
         raise ConfigError(f"{where}: [measured_device.overheads_us] takes non-negative microseconds for "
                           f"{', '.join(OVERHEADS)}; rerun `megaloom calibrate`")
+    kernel = t.get("kernel_gbps", 0.0)
+    if not isinstance(kernel, (int, float)) or kernel < 0:
+        raise ConfigError(f"{where}: [measured_device] kernel_gbps = {kernel!r} must be a non-negative rate in GB/s; "
+                          "rerun `megaloom calibrate`")
     return Device(str(t["name"]), float(t["peak_tflops"]), 0.0, float(t["memory_gib"]), float(t["copy_gbps"]) / 1e3,
                   (), 1, gemms, float(t["copy_gbps"]),
                   tuple((k, float(overheads[k]) * 1e-6) for k in OVERHEADS if k in overheads),
-                  bool(t.get("host_bound", False)))
+                  bool(t.get("host_bound", False)), float(kernel))
 
 
 def presets() -> list[str]:
@@ -146,12 +150,21 @@ def load_cluster(name_or_file: str, **overrides: object) -> Cluster:
         raise ConfigError(f"--cluster {name_or_file!r} is neither a preset ({', '.join(presets())}) nor a TOML "
                           f"file; pass one of those names or a file like megaloom/perf/clusters/dgx-h100.toml")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise ConfigError(f"--cluster {name_or_file!r}: not valid TOML: {e}") from None
-    raw.setdefault("name", path.stem)
-    raw.update(overrides)
-    return make_cluster(raw, str(path))
+    return cluster_from_text(text, str(path), {"name": path.stem}, overrides, name_or_file)
+
+
+def cluster_from_text(text: str, where: str, defaults: dict | None = None, overrides: dict | None = None,
+                      given: str | None = None) -> Cluster:
+    """A Cluster from the text of a cluster TOML file (`where` names it in errors; `given`, what --cluster said)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--cluster {given or where!r}: not valid TOML: {e}") from None
+    raw = {**(defaults or {}), **raw, **(overrides or {})}
+    return make_cluster(raw, where)
 
 
 def make_cluster(raw: dict, where: str = "cluster") -> Cluster:

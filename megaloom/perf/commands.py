@@ -219,7 +219,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
         links, ov = measured["links"].get("all_reduce"), measured["overheads"]
         print(f"wrote {out}: {measured['device']}, {len(measured['gemms'])} GEMM shapes "
               f"({min(g[3] for g in measured['gemms']):.3g}-{max(g[3] for g in measured['gemms']):.3g} TFLOP/s), "
-              f"copy {measured['copy_gbps']:.1f} GB/s, fixed cost per layer {ov['layer_forward'] * 1e6:.0f} us "
+              f"copy {measured['copy_gbps']:.1f} GB/s"
+              + (f", memory-bound kernels {measured['kernel_gbps']:.2f} GB/s" if measured.get("kernel_gbps") else "")
+              + f", fixed cost per layer {ov['layer_forward'] * 1e6:.0f} us "
               f"forward and {ov['layer_backward'] * 1e6:.0f} us backward"
               + (f", all-reduce alpha {links['alpha_us']:.1f} us beta {links['beta_gbs']:.2f} GB/s over "
                  f"{measured['world']} processes" if links else ""))

@@ -51,6 +51,9 @@ class Device:
     # a catalogue device has none (its per-kernel launch cost is in gemm_seconds)
     overheads: tuple[tuple[str, float], ...] = ()
     host_bound: bool = False  # the host runs the arithmetic (a CPU): overhead and arithmetic add up
+    # the rate megaloom's own memory-bound kernels reach (GB/s read + written), fitted by `megaloom calibrate` on
+    # its layer at the config's shapes (calibrate.fit_kernel_rate); 0: they move bytes at the copy bandwidth
+    kernel_gbps: float = 0.0
 
     def overhead(self, name: str) -> float:
         return dict(self.overheads).get(name, 0.0)
@@ -68,6 +71,8 @@ class Device:
     @property
     def copy_bytes_per_s(self) -> float:
         """Bandwidth a memory-bound kernel achieves (bytes read + written per second)."""
+        if self.kernel_gbps:
+            return self.kernel_gbps * 1e9
         if self.copy_gbps:
             return self.copy_gbps * 1e9
         return self.memory_tbps * 1e12 * COPY_FRACTION

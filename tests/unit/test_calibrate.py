@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from megaloom.cli import main
 from megaloom.config import load_config
-from megaloom.perf.calibrate import calibrate, fit_line, planner_gemm_shapes
+from megaloom.perf.calibrate import calibrate, fit_kernel_rate, fit_line, planner_gemm_shapes
 from megaloom.perf.cluster import load_cluster
 from megaloom.perf.collectives import Collective, collective_seconds
 from megaloom.perf.costs import Job, StageCosts
@@ -40,6 +40,40 @@ def test_one_process_writes_the_gemms_it_measured(tmp_path, capsys):
     assert "[measured_device.overheads_us]" in text and "host_bound = true" in text
     assert [k for k, _ in c.device.overheads] == list(OVERHEADS) and c.device.host_bound
     assert all(v >= 0 for _, v in c.device.overheads) and sum(v for _, v in c.device.overheads) > 0
+    # megaloom's layer at the config's shapes, measured, and the kernel rate fitted to it where there is one (at
+    # this tiny size the fixed costs may already account for the whole layer; the fit: the test below)
+    assert "# megaloom's layer at the config's shapes" in text
+    if c.device.kernel_gbps:
+        assert "kernel_gbps =" in text and c.device.copy_bytes_per_s == c.device.kernel_gbps * 1e9
+    else:
+        assert "no kernel rate" in text and c.device.copy_bytes_per_s == c.device.copy_gbps * 1e9
+
+
+def _measured(cfg, layer_seconds):
+    """A calibration's figures, made up but shaped as `calibrate` returns them: every GEMM at 0.05 TFLOP/s."""
+    return {"device": "cpu (test)", "world": 1, "dtype": "float32", "copy_gbps": 20.0, "memory_gib": 8.0,
+            "gemms": [(m, n, k, 0.05) for m, n, k in planner_gemm_shapes(cfg, [1])], "host_bound": True,
+            "overheads": dict.fromkeys(OVERHEADS, 1e-4), "links": {}, "layer_seconds": layer_seconds}
+
+
+def test_the_fitted_kernel_rate_gives_the_measured_layer_back():
+    """`kernel_gbps` is the memory-bound rate at which the planner's layer (forward + backward, tp = 1, the
+    config's micro-batch) takes the layer time megaloom measured; a layer faster than its GEMMs and fixed costs
+    alone leaves no rate to fit (None: the copy bandwidth stands)."""
+    cfg = load_config(None, TINY)
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=cfg.train.micro_batch))
+    for layer_seconds in (2e-3, 5e-3):
+        measured = _measured(cfg, layer_seconds)
+        rate = fit_kernel_rate(cfg, measured)
+        base = load_cluster("dgx-h100")
+        device = dataclasses.replace(base.device, name="measured", bf16_tflops=0.05,  # the best GEMM: the peak
+                                     measured_gemms=tuple(measured["gemms"]),
+                                     copy_gbps=20.0, overheads=tuple(measured["overheads"].items()),
+                                     host_bound=True, kernel_gbps=rate)
+        c = StageCosts(Job.from_config(one, dataclasses.replace(base, measured=device), 1))
+        assert c.layer.forward + c.layer.backward == pytest.approx(layer_seconds, rel=1e-6)
+        assert device.copy_bytes_per_s == rate * 1e9
+    assert fit_kernel_rate(cfg, _measured(cfg, 1e-6)) is None
 
 
 def _costs(device, cfg):
@@ -84,6 +118,10 @@ def test_bad_measured_table_is_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('gpu = "measured"\ngpus_per_node = 1\n', encoding="utf-8")
     with pytest.raises(Exception, match="measured_device"):
+        load_cluster(str(bad))
+    bad.write_text('gpu = "measured"\ngpus_per_node = 1\n[measured_device]\nname = "cpu"\npeak_tflops = 0.1\n'
+                   'memory_gib = 8\ncopy_gbps = 10\nkernel_gbps = -1\ngemms = [[64, 64, 64, 0.01]]\n', encoding="utf-8")
+    with pytest.raises(Exception, match="kernel_gbps = -1 must be a non-negative rate"):
         load_cluster(str(bad))
 
 
