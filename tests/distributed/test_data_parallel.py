@@ -15,7 +15,7 @@ from megaloom.train.step import train_step
 
 from .launch import run_workers
 
-STEPS = 10
+STEPS = 5  # optimizer steps: after the second every step runs the same code (10 cost CI ~1 min)
 
 
 def _cfg(tp=1, pp=1, dp=1, schedule="1f1b", chunks=1, zero=0, reduce="fp32", family="gpt2", powersgd=0):
