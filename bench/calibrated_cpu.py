@@ -6,7 +6,7 @@ against `megaloom train` on the same machine, 2 CPU processes, at (t, p, d) = (2
 It runs `torchrun --nproc_per_node 2 -m megaloom calibrate`, then for each layout `megaloom train` for
 --steps steps (the median step time of the steps after the first three, from metrics.jsonl's
 tokens_per_s; the parameter + gradient + optimizer bytes rank 0 holds) and `megaloom simulate --recipe
-eager --cluster` the calibrated file, and prints both side by side. A benchmark, not a test: wall
+megaloom --cluster` the calibrated file, and prints both side by side. A benchmark, not a test: wall
 clock on a shared machine varies.
 """
 
@@ -59,7 +59,7 @@ def main() -> None:
         state = (mem["params_gib"] + mem["grads_gib"] + mem["optimizer_gib"]) * 1024
         sim = json.loads(_run([PY, "-m", "megaloom", "simulate", "--config", args.config, "--cluster", str(cluster),
                                "--gpus", "2", *flags, "--microbatch", str(cfg["memory"]["micro_batch"]),
-                               "--recipe", "eager", "--json"]))
+                               "--recipe", "megaloom", "--json"]))
         print(f"{name:<10} {measured:>16.4f} {sim['step_time_s']:>10.4f} {sim['step_time_s'] / measured:>6.2f} "
               f"{state:>10.4f} {sim['memory_state_gib'] * 1024:>10.4f}")
 

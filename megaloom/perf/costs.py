@@ -23,7 +23,7 @@ Memory follows Korthikanti et al. 2022 for the activations and `memory.state_byt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 
 from megaloom.config import Config, ConfigError, ModelConfig
@@ -80,6 +80,11 @@ class Recipe:
     # forward_backward_func had returned (training.py train_step -> model.allreduce_gradients(), DDP_impl
     # "local", the default); overlapping it came with --overlap-grad-reduce (2023)
     overlap_grad_reduce: bool = True
+    # the head's loss computes its gradients in the forward, chunk by chunk (megaloom/model/loss.py and
+    # parallel/vocab_loss.py, as Liger Kernel's fused linear cross entropy): the forward pays the logit GEMM,
+    # both gradient GEMMs and all of the loss's traffic, the backward only scales the two stored gradients;
+    # what stays for backward is dL/dh (fp32, b·s·h) and dL/dW (fp32, V/t·h), never the logits
+    head_grads_in_forward: bool = False
 
 
 # Megatron-LM's GPT with fused kernels (bias-GeLU, bias-dropout-add, fused LayerNorm), bf16 activations,
@@ -112,7 +117,12 @@ MEGATRON_2021 = Recipe("megatron-2021", False, 10, 24, 2, 22, 0, 4, 60, 10, None
 # bf16 weights and fuses gradient accumulation into the weight-gradient GEMM: none.)
 EAGER = Recipe("eager", True, 12, 26, 4, 48, 4, 4, 40, 12, 14, 12, True)
 
-RECIPES = {r.name: r for r in (MEGATRON, MEGATRON_2021, EAGER)}
+# megaloom's own program (`megaloom train`; Job.from_config, `megaloom info`): the eager program above with the
+# chunked linear cross entropy as its head (megaloom/model/loss.py): the loss's gradients computed in the
+# forward, no logits kept (loss_memory 0; its two gradient buffers are counted in StageCosts.memory_bytes).
+MEGALOOM = replace(EAGER, name="megaloom", loss_memory=0.0, head_grads_in_forward=True)
+
+RECIPES = {r.name: r for r in (MEGATRON, MEGATRON_2021, EAGER, MEGALOOM)}
 
 
 @dataclass(frozen=True)
@@ -160,13 +170,13 @@ class Job:
     @classmethod
     def from_config(cls, cfg: Config, cluster: Cluster, gpus: int | None = None) -> Job:
         """A training config as megaloom runs it: its model, layout (parallel.*, train.micro_batch,
-        train.recompute), precision, and megaloom's own program (the eager recipe: fp32 weights under
+        train.recompute), precision, and megaloom's own program (the megaloom recipe: fp32 weights under
         autocast). `gpus` defaults to t·p·d."""
         p, t = cfg.parallel, cfg.train
         gpus = gpus or p.tp * p.pp * p.dp
         layout = Layout(p.tp, p.pp, gpus // (p.tp * p.pp), t.micro_batch, p.chunks, t.recompute, p.zero,
                         p.sequence_parallel, p.schedule if p.pp > 1 else "", tuple(p.layers_per_stage))
-        return cls(cfg.model, cluster, gpus, t.global_batch, layout, EAGER, t.precision, p.grad_reduce_dtype)
+        return cls(cfg.model, cluster, gpus, t.global_batch, layout, MEGALOOM, t.precision, p.grad_reduce_dtype)
 
     @property
     def activation_bytes(self) -> int:
@@ -302,6 +312,10 @@ class StageCosts:
         wgrad = gemm_seconds(self.dev, m.hidden, vocab, tokens)
         loss = tokens * vocab * r.loss_traffic / self.dev.copy_bytes_per_s
         comm = 3 * self._allreduce(tokens * 4) if lay.tp > 1 else 0.0  # max, sum of exps, target logit
+        if r.head_grads_in_forward:  # backward: read and write dL/dh and dL/dW once, scaled by the incoming 1
+            scale = 2 * 4 * (tokens + vocab) * m.hidden / self.dev.copy_bytes_per_s
+            return PassTime(self.dev.pass_seconds(fwd + dgrad + wgrad + loss, "head_forward") + comm,
+                            self.dev.pass_seconds(scale, "head_backward"), 0.0, comm, 0.0)
         return PassTime(self.dev.pass_seconds(fwd + loss * 0.6, "head_forward") + comm,
                         self.dev.pass_seconds(dgrad + loss * 0.4, "head_backward"), wgrad, comm, 0.0)
 
@@ -440,6 +454,8 @@ class StageCosts:
             act += tokens * m.hidden * 2
         if rank == lay.pp - 1:  # the loss and its gradient, one microbatch at a time
             act += tokens * vocab_rows(m.vocab_size, lay.tp) * r.loss_memory
+            if r.head_grads_in_forward:  # the head's stored fp32 gradients, dL/dh and dL/dW
+                act += 4 * (tokens + vocab_rows(m.vocab_size, lay.tp)) * m.hidden
         return full, act, max(at_peak + act, full)
 
 

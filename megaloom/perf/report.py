@@ -8,7 +8,7 @@ from megaloom.config import Config
 from megaloom.model import count_parameters
 from megaloom.perf import flops, memory
 from megaloom.perf.cluster import load_cluster
-from megaloom.perf.costs import EAGER, Job, StageCosts
+from megaloom.perf.costs import MEGALOOM, Job, StageCosts
 
 GIB = 2**30
 
@@ -45,7 +45,7 @@ def info_report(cfg: Config, recompute: str = "none") -> dict:
             "micro_batch": t.micro_batch,
             "recompute": recompute,
             "state_bytes_per_parameter": memory.state_bytes_per_parameter(cfg.parallel.zero, cfg.parallel.dp,
-                                                                          EAGER.fp32_weights),
+                                                                          MEGALOOM.fp32_weights),
             "state_gib": state / GIB,
             "activations_per_layer_gib": costs.activation_bytes_per_layer() / GIB,
             "activations_gib": act / GIB,
@@ -77,6 +77,6 @@ def render_info(r: dict) -> str:
         f"             {mem['activations_gib']:,.2f} GiB activations at micro-batch {mem['micro_batch']}, "
         f"recompute={mem['recompute']} ({mem['activations_per_layer_gib']:,.3f} GiB per layer and micro-batch)",
         f"             {mem['total_gib']:,.2f} GiB peak per GPU, before fragmentation and workspace (the planner's "
-        f"model of megaloom's program, as `megaloom simulate --config ... --recipe eager`)",
+        f"model of megaloom's program, as `megaloom simulate --config ... --recipe megaloom`)",
     ]
     return "\n".join(lines)

@@ -34,6 +34,8 @@ SOURCES: dict[str, tuple[str, str]] = {
                                      "Narayanan et al. 2021 ran"),
     "costs.EAGER": ("derived", "counted from the plain-PyTorch program (comment in costs.py); peak memory within "
                                f"3% of the 53.6 GiB measured for GPT 1.3B at 8 x 2048, {MEASURED_H100}"),
+    "costs.MEGALOOM": ("derived", "EAGER with megaloom's chunked linear cross entropy as its head (megaloom/model/"
+                                  "loss.py): its gradients computed in the forward, dL/dh and dL/dW kept, no logits"),
     "costs.ATTENTION_FRACTION": ("paper", "Shah et al. 2024 (FlashAttention-3), abstract: FlashAttention-2, PyTorch "
                                           "SDPA's flash kernel, reaches 35% of the H100's peak; used for every device"),
     "costs.USABLE_MEMORY": ("assumed", "0.92 of the device memory usable by tensors (CUDA context, NCCL buffers, "

@@ -8,7 +8,7 @@ from megaloom.parallel.grid import Axis, group_of
 from megaloom.parallel.schedules import Costs, ScheduleKind, build_schedule, simulate
 from megaloom.perf import flops, memory
 from megaloom.perf.cluster import load_cluster
-from megaloom.perf.costs import MEGATRON, MEGATRON_2021, Job, Layout, StageCosts, check_job, peak_in_flight
+from megaloom.perf.costs import EAGER, MEGALOOM, MEGATRON, MEGATRON_2021, Job, Layout, StageCosts, check_job, peak_in_flight
 from megaloom.perf.simulator import hardware_flops_per_token, simulate_job
 from megaloom.perf.traffic import communication_by_stage, dp_group
 
@@ -177,3 +177,16 @@ def test_megatron_2021_all_reduces_its_gradients_after_the_backward():
     by_hand = collective_seconds(a100, Collective.ALL_REDUCE, params * 4, tuple(range(32)))
     assert old.report()["time_breakdown_s"]["dp_comm_exposed"] == pytest.approx(by_hand)
     assert new.report()["time_breakdown_s"]["dp_comm_exposed"] < 0.5 * by_hand
+
+
+def test_megaloom_head_pays_its_gradients_in_the_forward():
+    """megaloom's chunked head (megaloom/model/loss.py) computes dL/dh and dL/dW in its forward: the planner's
+    forward of that head is the plain head's forward and backward together, its backward only reads and writes
+    the two stored fp32 gradients, and nothing of it waits for a weight-gradient pass."""
+    model = ModelConfig(family="gpt2", layers=4, hidden=1024, heads=16, vocab_size=50304, seq_len=1024)
+    h100 = load_cluster("dgx-h100")
+    plain, ours = (StageCosts(Job(model, h100, 1, 8, Layout(microbatch=8), r)).head for r in (EAGER, MEGALOOM))
+    assert ours.forward == pytest.approx(plain.forward + plain.backward_input + plain.backward_weight, rel=1e-12)
+    tokens = 8 * 1024
+    assert ours.backward_input == pytest.approx(8 * (tokens + 50304) * 1024 / h100.device.copy_bytes_per_s, rel=1e-12)
+    assert ours.backward_weight == 0.0
