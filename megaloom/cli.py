@@ -222,9 +222,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from megaloom.compress.command import quantize_command
-    from megaloom.tune.lora import merge  # --from-qat of a LoRA run: the adapters folded into the base first
+    from megaloom.tune.peft import merge_of  # a PEFT run: its adapters folded into the base first
 
-    return quantize_command(args, merge_adapters=merge)
+    return quantize_command(args, merge_of=merge_of)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from megaloom.compress.hessian import blockwise, calibration_windows
 from megaloom.compress.prune import Sparsity, magnitude_mask, sparsegpt, wanda_mask
 from megaloom.compress.quantize import LINEARS, block_linears, check_scheme, quantize_model
 from megaloom.compress.schemes import Method, QuantScheme
+from megaloom.config import Config, PeftConfig
 from megaloom.errors import ConfigError
 
 HIGH_PRECISION = ("embedding", "head")
@@ -67,9 +68,11 @@ def _say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------ quantize
 
 
-def quantize_command(args: argparse.Namespace, merge_adapters: Callable[[nn.Module], None] | None = None) -> int:
-    """`merge_adapters(model)`: folds a LoRA run's adapters into its base (`megaloom.tune.lora.merge`, handed
-    in by the cli: tune sits beside compress, not below it); used by --from-qat."""
+def quantize_command(args: argparse.Namespace,
+                     merge_of: Callable[[Config], Callable[[nn.Module], None]] | None = None) -> int:
+    """`merge_of(cfg)(model)` folds a PEFT run's adapters into its base (`megaloom.tune.peft.merge_of`, handed in
+    by the cli: tune sits beside compress, not below it): what is quantized is the model the run computes with,
+    and the config written beside it has no [peft] any more."""
     from megaloom.compress.gptq import gptq, int4_tensor
     from megaloom.compress.store import save_quantized
 
@@ -88,9 +91,10 @@ def quantize_command(args: argparse.Namespace, merge_adapters: Callable[[nn.Modu
     out = Path(args.output)
     _check_out(out)
     if args.from_qat:
-        model, tokenizer, cfg, scheme, qat = _qat_model(args, merge_adapters)
+        model, tokenizer, cfg, scheme, qat = _qat_model(args, merge_of)
     else:
         model, tokenizer, cfg = _load(args.model)
+        _merge_peft(model, cfg, merge_of)
         qat = None
     check_scheme(model, scheme)
     start = time.perf_counter()
@@ -124,13 +128,24 @@ def quantize_command(args: argparse.Namespace, merge_adapters: Callable[[nn.Modu
     return 0
 
 
-def _qat_model(args: argparse.Namespace, merge_adapters: Callable[[nn.Module], None] | None):  # noqa: ANN202
+def _merge_peft(model: nn.Module, cfg: Config, merge_of: Callable | None) -> bool:
+    """A PEFT run's adapters folded into its base, and [peft] taken out of its config; whether there were any."""
+    if cfg.peft.method == "none":
+        return False
+    if merge_of is None:
+        raise ValueError(f"quantizing a peft.method = '{cfg.peft.method}' run needs merge_of (megaloom.tune.peft)")
+    merge_of(cfg)(model)
+    cfg.peft = PeftConfig()
+    return True
+
+
+def _qat_model(args: argparse.Namespace, merge_of: Callable | None):  # noqa: ANN202
     """`--from-qat`: the run's model in one process with its LoRA adapters merged into the base (W + s B A,
     what the fake-quantized forward's weights become), the run's [qat] scheme (a --method or --group-size
     given too must be the run's), and what to record; the config written beside the quantized model has
     neither [peft] nor [qat] any more (the adapters are in the weights, the weights are quantized)."""
     from megaloom.compress.qat import qat_scheme
-    from megaloom.config import PeftConfig, QATConfig
+    from megaloom.config import QATConfig
 
     model, tokenizer, cfg = _load(args.model)
     if cfg.qat.scheme == "none":
@@ -140,13 +155,9 @@ def _qat_model(args: argparse.Namespace, merge_adapters: Callable[[nn.Module], N
     if (args.method and args.method != scheme.method.value) or (args.group_size and args.group_size != scheme.group_size):
         raise ConfigError(f"--from-qat: '{args.model}' trained with qat.scheme = \"{scheme.method.value}\", group size "
                           f"{scheme.group_size}; leave --method and --group-size out (or give those)")
-    merged = cfg.peft.method == "lora"
-    if merged:
-        if merge_adapters is None:
-            raise ValueError("--from-qat of a LoRA run needs merge_adapters (megaloom.tune.lora.merge)")
-        merge_adapters(model)
+    merged = _merge_peft(model, cfg, merge_of)
     record = {"scheme": scheme.method.value, "group_size": scheme.group_size, "lora_merged": merged}
-    cfg.peft, cfg.qat = PeftConfig(), QATConfig()
+    cfg.qat = QATConfig()
     return model, tokenizer, cfg, scheme, record
 
 

@@ -20,7 +20,7 @@ from megaloom.interop.export import hf_config, hf_state, save_safetensors, save_
 from megaloom.interop.load import load_model, resolve, tokenizer_of
 from megaloom.model.transformer import Transformer
 from megaloom.train.checkpoint import full_tensors
-from megaloom.tune.peft import adapter_config, apply_peft, method_module, peft_names, to_peft
+from megaloom.tune.peft import adapter_config, apply_peft, merge_of, method_module, peft_names, to_peft
 
 
 def peft_run(source: str | Path) -> tuple[Config, Path]:
@@ -84,10 +84,7 @@ def export_merged(source: str | Path, out: str | Path, max_shard_bytes: int) -> 
     """The base with the adapters folded in (the method's `merge`), as a Hugging Face model directory."""
     out = Path(out)
     cfg, ckpt = peft_run(source)
-    merge = getattr(method_module(cfg), "merge", None)
-    if merge is None:
-        raise ConfigError(f"peft.method = '{cfg.peft.method}' adds parameters no base weight can absorb; export it "
-                          "with --to peft and load it with PEFT")
+    merge = merge_of(cfg)  # before the model is loaded
     model, tokenizer, _ = load_model(source)
     merge(model)
     tensors = hf_state(cfg.model, {n: p.detach() for n, p in model.named_parameters()})

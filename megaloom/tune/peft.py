@@ -37,6 +37,17 @@ def method_module(cfg: Config) -> ModuleType:
     return importlib.import_module(MODULES[cfg.peft.method])
 
 
+def merge_of(cfg: Config) -> Callable[[nn.Module], None]:
+    """How a PEFT run's adapters fold into its single-process base: the method's `merge` (an NF4 base is
+    dequantised first); a method whose parameters no base weight can absorb (prefix, prompt, Houlsby adapters)
+    stops with one line."""
+    merge = getattr(method_module(cfg), "merge", None)
+    if merge is None:
+        raise ConfigError(f"peft.method = '{cfg.peft.method}' adds parameters no base weight can absorb; export it "
+                          "with --to peft and load it with PEFT")
+    return merge
+
+
 def seeded(seed: int, name: str, shape: tuple[int, ...], kind: str = "normal", scale: float = 1.0) -> torch.Tensor:
     """The full fp32 initial value of an adapter parameter: drawn from its own generator, seeded by
     (seed, canonical name), so every layout holds slices of the same tensor (as `model/init.py`).

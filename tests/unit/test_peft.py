@@ -362,3 +362,11 @@ def test_qlora_run_loads_for_eval_and_generate_on_its_nf4_base(tiny, tmp_path, m
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
         diff = (merged(input_ids=tokens).logits - want).abs().max().item()
         assert diff <= 1e-5, f"{method} + nf4 merged: max |logit difference| to the trainer's = {diff}"
+        # `megaloom quantize` of the run quantizes the model the run computes with: its adapters folded into the
+        # dequantised base, as the merged export holds it, so both quantize to the same model
+        from megaloom.compress.store import load_quantized
+
+        for source, out in ((run, "q-run"), (tmp_path / "merged", "q-merged")):
+            assert main(["quantize", str(source), str(tmp_path / out), "--method", "int8-weight"]) == 0
+        q_run, q_merged = (load_quantized(tmp_path / out)[0] for out in ("q-run", "q-merged"))
+        torch.testing.assert_close(q_run(tokens), q_merged(tokens), rtol=0, atol=1e-5)
