@@ -229,8 +229,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from megaloom.compress.command import prune_command
+    from megaloom.tune.peft import merge_of  # a PEFT run: its adapters folded into the base first
 
-    return prune_command(args)
+    return prune_command(args, merge_of=merge_of)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -175,13 +175,16 @@ def _summarise(names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------- prune
 
 
-def prune_command(args: argparse.Namespace) -> int:
+def prune_command(args: argparse.Namespace,
+                  merge_of: Callable[[Config], Callable[[nn.Module], None]] | None = None) -> int:
+    """`merge_of`: as for `quantize_command`, a PEFT run's adapters are folded into its base first."""
     from megaloom.compress.store import save_pruned
 
     sparsity = Sparsity.parse(args.sparsity, args.pattern)
     out = Path(args.output)
     _check_out(out)
     model, tokenizer, cfg = _load(args.model)
+    _merge_peft(model, cfg, merge_of)
     for lin in block_linears(model):
         sparsity.check(lin.name, lin.in_features)
     start = time.perf_counter()
