@@ -1,7 +1,7 @@
 """One validator for a (t, p, d, ZeRO, schedule) layout of a model: config loading, `megaloom simulate`
 and `megaloom plan` accept and refuse exactly the same layouts, because all three call `check_layout`.
 
-Pure arithmetic with no torch and no other megaloom module (the bottom layer, beside `config.py`,
+Pure arithmetic with no torch and no other megaloom module (the bottom layer, beside `config/`,
 which imports it). Errors name the setting as the caller spells it: config keys (`parallel.tp`) for a
 TOML file, flags (`--tp`) for the planner's command line (`CONFIG_NAMES`, `FLAG_NAMES`).
 """

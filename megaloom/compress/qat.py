@@ -11,7 +11,7 @@ are the ones torchao's convert step and `megaloom quantize` compute.
 What megaloom does: tensor parallelism. A column-parallel rank holds whole output rows, so a per-row or
 per-group weight scale is local, and so is a per-token activation scale (its input holds every feature).
 A row-parallel rank holds a slice of the input features: a group inside that slice is local
-(config.py checks that groups do not straddle ranks), but two scales span the ranks, the per-row int8
+(megaloom/config checks that groups do not straddle ranks), but two scales span the ranks, the per-row int8
 weight scale and the per-token activation scale of int8-dynamic-act-int4-weight. For those the rank's
 minimum and maximum (per row, per token) are all-reduced over tp (exact: a min and a max) and torchao's
 own qparams function turns them into the full row's or token's scale and zero point, which then fake-

@@ -137,8 +137,8 @@ def test_huge_values_fail_fast():
 
     lines = [0]
 
-    def count(frame, event, arg):  # lines executed in config.py: a count, not a clock
-        if frame.f_code.co_filename.endswith("config.py") and event == "line":
+    def count(frame, event, arg):  # lines executed in megaloom/config/: a count, not a clock
+        if "megaloom/config/" in frame.f_code.co_filename.replace("\\", "/") and event == "line":
             lines[0] += 1
         return count
 
@@ -148,4 +148,4 @@ def test_huge_values_fail_fast():
             load_config(None, ["model.hidden=1000000000000000001", "model.heads=7"])
     finally:
         sys.settrace(None)
-    assert lines[0] < 100_000  # the divisor search looks at most 10,000 steps away
+    assert 0 < lines[0] < 100_000  # the divisor search looks at most 10,000 steps away
