@@ -6,7 +6,7 @@ PEFT, its checkpoints hold only what it trained (the adapters and the score head
 the base is its `model.pretrained` (or, without one, the initialisation of its `train.seed`). So the reward model
 is built from the reward run's own config with the reward run's own hooks (QAT's fake quantization, the PEFT
 hook, then the score head, the trainer's order), its checkpoint fills what the run trained and its pretrained
-weights fill the frozen base, as the trainer fills a PEFT run on resume (megaloom/train/trainer.py). The hooks
+weights fill the frozen base, as the trainer fills a PEFT run on resume (megaloom/train/run_state.py). The hooks
 and the weights reader belong to the layers above the training stack (interop, tune, compress), so they come in
 as a factory, `parts(cfg) -> {"weights", "adapt", "quantize"}` (`megaloom.cli.model_parts`), as the policy's own
 do. A run without PEFT saved every parameter: its checkpoint alone fills the model.
