@@ -125,8 +125,8 @@ class PPOObjective(RolloutObjective):
         """The separate critic's state, and the rollout in progress: each field a tensor over the whole rollout,
         rows (prompts x completions) in the one-process order of the prompts, of which each data-parallel replica
         holds its slice of every mini-batch (`PromptLoader.shares`), so that a run resumed in any layout reads its
-        own. The statistics
-        (log-probabilities, values, advantages...) are the last pipeline stage's: the others hold zeros."""
+        own. The statistics (log-probabilities, values, advantages...) are the last pipeline stage's: the others
+        hold zeros."""
         out = self.critic.entries() if self.critic is not None else {}
         rows = self.loader.rows
         if rows is not None:

@@ -133,7 +133,7 @@ def _merge_peft(model: nn.Module, cfg: Config, merge_of: Callable | None) -> boo
     if cfg.peft.method == "none":
         return False
     if merge_of is None:
-        raise ValueError(f"quantizing a peft.method = '{cfg.peft.method}' run needs merge_of (megaloom.tune.peft)")
+        raise ValueError(f"compressing a peft.method = '{cfg.peft.method}' run needs merge_of (megaloom.tune.peft)")
     merge_of(cfg)(model)
     cfg.peft = PeftConfig()
     return True

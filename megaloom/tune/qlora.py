@@ -27,11 +27,11 @@ from torch import nn
 from megaloom.errors import ConfigError
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.shard import ShardSpec
+from megaloom.tune.lora import SITES, block_linears
 from megaloom.tune.nf4_layout import BLOCK, check_site, numel_message
 from megaloom.tune.peft import dp_slices, whole
 
 SCALER_BLOCK = 256  # torchao's default (BLOCK, 64: nf4_layout.py)
-SITES = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 
 
 def scaler_block(n_blocks: int) -> int:
@@ -86,13 +86,10 @@ def dequantize_base(chunk: nn.Module) -> int:
     NF4 block linear weight of `chunk` becomes a plain frozen parameter holding its dequantised value, the
     weight the NF4 run computed with; the count."""
     done = 0
-    for block in chunk.layers.values():
-        for site in SITES:
-            owner, attr = site.split(".")
-            linear = getattr(getattr(block, owner), attr)
-            if hasattr(linear.weight, "get_original_weight"):  # torchao's NF4Tensor
-                linear.weight = nn.Parameter(linear.weight.get_original_weight(), requires_grad=False)
-                done += 1
+    for _, _, linear in block_linears(chunk):
+        if hasattr(linear.weight, "get_original_weight"):  # torchao's NF4Tensor
+            linear.weight = nn.Parameter(linear.weight.get_original_weight(), requires_grad=False)
+            done += 1
     return done
 
 
