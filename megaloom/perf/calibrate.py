@@ -23,8 +23,12 @@ What the planner would otherwise take from a data sheet and an assumption, measu
   2(n-1)·alpha + 2(n-1)/n·S/beta, ring all-gather (n-1)·alpha + (n-1)/n·S/beta, p2p alpha + S/beta);
   the file gets the all-reduce's alpha and beta as the node's link (one node of n processes).
 
-Every figure in the file is a median of timed repetitions after warm-up, with the command, the
-device and the date written beside it. Nothing is fitted to a planner row.
+Every figure in the file is a mean of timed repetitions after warm-up, with the command, the device and
+the date written beside it: a step adds up many operations, so what it takes is the sum of their expected
+times, and a heavy-tailed operation's median is well under its mean (gloo's small all-reduce on this
+2-core machine: median 0.76 ms, mean 1.52 ms over 1,000 repetitions). Collectives are timed as a step
+runs them, each after a stretch of compute on every rank (`measure_collectives`). Nothing is fitted to
+a planner row.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch.distributed as dist
 
 from megaloom.config import Config
 from megaloom.layout import vocab_rows
+from megaloom.parallel.comm import TPGroup
 from megaloom.perf.hardware import OVERHEADS
 from megaloom.precision import autocast
 
@@ -49,19 +54,20 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 SIZES = tuple(4096 * 4**i for i in range(6))  # 4 KiB .. 4 MiB per rank, fp32 elements of 4 bytes
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _mean_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.fmean(_timed(fn, device) for _ in range(repeats))
 
 
 def planner_gemm_shapes(cfg: Config, tps: list[int]) -> list[tuple[int, int, int]]:
@@ -85,7 +91,7 @@ def measure_gemms(shapes: list[tuple[int, int, int]], device: torch.device, dtyp
     for m, n, k in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        seconds = _median_seconds(lambda a=a, b=b: a @ b, device, repeats)
+        seconds = _mean_seconds(lambda a=a, b=b: a @ b, device, repeats)
         out.append((m, n, k, 2.0 * m * n * k / seconds / 1e12))
     return out
 
@@ -94,7 +100,7 @@ def measure_copy(device: torch.device, mib: int = 256, repeats: int = 5) -> floa
     """Bytes read + written per second by a device-to-device copy of `mib` MiB."""
     src = torch.empty(mib * 2**20 // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), device, repeats)
+    seconds = _mean_seconds(lambda: dst.copy_(src), device, repeats)
     return 2 * src.numel() * 4 / seconds
 
 
@@ -106,8 +112,8 @@ GEMMS_PER_PASS = {"layer_forward": 4, "layer_backward": 8, "head_forward": 1, "h
 
 
 def _time_depths(model_cfg, cfg: Config, device: torch.device, x: torch.Tensor, n: int,
-                 embedding: bool = False) -> dict[str, float]:
-    """Medians of forward, backward and optimizer step (`forward1`, ..., `step4`) of megaloom's model
+                 embedding: bool = False, tp: TPGroup | None = None) -> dict[str, float]:
+    """Means of forward, backward and optimizer step (`forward1`, ..., `step4`) of megaloom's model
     `model_cfg` at 1 and OVERHEAD_LAYERS layers on the tokens `x` (and, with `embedding`, of a 1-layer
     model's embedding alone: `embedding_forward`, `embedding_backward`); the depths take turns, so a busy
     host slows them alike, and the first three rounds warm up."""
@@ -126,7 +132,7 @@ def _time_depths(model_cfg, cfg: Config, device: torch.device, x: torch.Tensor, 
         sync()
         return time.perf_counter() - t0
 
-    models = [build_model(replace(model_cfg, layers=k), cfg.train.seed, device) for k in (1, OVERHEAD_LAYERS)]
+    models = [build_model(replace(model_cfg, layers=k), cfg.train.seed, device, tp) for k in (1, OVERHEAD_LAYERS)]
     opts = [build_optimizer(mod, cfg.train) for mod in models]
     emb = build_model(replace(model_cfg, layers=1), cfg.train.seed, device).embed if embedding else None
     times: dict[str, list[float]] = {}
@@ -151,12 +157,12 @@ def _time_depths(model_cfg, cfg: Config, device: torch.device, x: torch.Tensor, 
 
             times.setdefault("embedding_forward", []).append(timed(embed))
             times.setdefault("embedding_backward", []).append(timed(lambda box=box: box[0].backward()))
-    return {k: statistics.median(v[3:]) for k, v in times.items()}
+    return {k: statistics.fmean(v[3:]) for k, v in times.items()}
 
 
 def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[str, float]:
     """Seconds per pass that megaloom's own program spends beyond its arithmetic (see the module
-    docstring): OVERHEADS -> seconds, each a median over timed repetitions, never below 0."""
+    docstring): OVERHEADS -> seconds, each a mean over timed repetitions, never below 0."""
     from dataclasses import replace
 
     n = max(20, 10 * repeats)
@@ -169,22 +175,62 @@ def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[s
     out["head_backward"] = med["backward1"] - out["layer_backward"] - out["embedding_backward"]
     out["optimizer_base"] = med["step1"] - out["optimizer_layer"]
     a = torch.zeros(2, 8, device=device)
-    gemm = _median_seconds(lambda: a @ a.T, device, n)
+    gemm = _mean_seconds(lambda: a @ a.T, device, n)
     for key, count in GEMMS_PER_PASS.items():
         out[key] -= count * gemm
     return {k: max(0.0, out[k]) for k in OVERHEADS}
 
 
-def measure_layer(cfg: Config, device: torch.device, repeats: int) -> float:
+def measure_layer(cfg: Config, device: torch.device, repeats: int, tp: int = 1) -> float:
     """Seconds of one of megaloom's layers, forward + backward, at the config's own shapes (one micro-batch of
-    train.micro_batch x seq_len tokens, the whole layer on one device): the difference between the model at
-    1 and at OVERHEAD_LAYERS layers, per layer; a median over timed repetitions (`fit_kernel_rate` reads it)."""
+    train.micro_batch x seq_len tokens): the difference between the model at 1 and at OVERHEAD_LAYERS layers,
+    per layer; a mean over timed repetitions. tp = 1: the whole layer on each process (`fit_kernel_rate` reads
+    it); tp > 1: the whole world as one tensor-parallel group, its all-reduces included (`fit_tp_latency`)."""
     m = cfg.model
     x = torch.randint(0, m.vocab_size, (cfg.train.micro_batch, m.seq_len), device=device,
                       generator=torch.Generator(device).manual_seed(0))
-    med = _time_depths(m, cfg, device, x, max(10, 4 * repeats))
+    group = TPGroup(None, tp, dist.get_rank()) if tp > 1 else None
+    med = _time_depths(m, cfg, device, x, max(10, 8 * repeats), tp=group)
     per = [(med[f"{p}{OVERHEAD_LAYERS}"] - med[f"{p}1"]) / (OVERHEAD_LAYERS - 1) for p in ("forward", "backward")]
+    if tp > 1:  # every rank's share of the layer ends with the same all-reduce: the slowest rank's mean stands
+        worst = torch.tensor(sum(per), dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return max(0.0, float(worst))
     return max(0.0, sum(per))
+
+
+def _planner_layer(cfg: Config, measured: dict, tp: int, **device_or_links: float) -> float:
+    """The planner's seconds for one layer (forward + backward, its tensor-parallel collectives inside) of `cfg` at
+    tensor-parallel degree `tp` on the cluster file `measured` makes, with the given Device (`kernel_gbps`) or
+    Cluster (`intra_latency_us`) fields replaced."""
+    from dataclasses import replace
+
+    from megaloom.perf.cluster import cluster_from_text
+    from megaloom.perf.costs import Job, StageCosts
+
+    one = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=1, dp=1, chunks=1, zero=0, sequence_parallel=False,
+                                        layers_per_stage=[]),
+                  train=replace(cfg.train, global_batch=cfg.train.micro_batch))
+    cluster = cluster_from_text(render_cluster(measured, "fit"), "the calibration being written")
+    device = {k: v for k, v in device_or_links.items() if k == "kernel_gbps"}
+    links = {k: v for k, v in device_or_links.items() if k != "kernel_gbps"}
+    cluster = replace(cluster, measured=replace(cluster.device, **device), **links)
+    layer = StageCosts(Job.from_config(one, cluster, tp)).layer
+    return layer.forward + layer.backward  # the tp collectives are inside both
+
+
+def _bisect_log(f: Callable[[float], float], target: float, lo: float, hi: float) -> float:
+    """The x in [lo, hi] where the monotonic f(x) crosses target, bisected on log x."""
+    rising = f(hi) > f(lo)
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        if (f(mid) > target) == rising:
+            hi = mid
+        else:
+            lo = mid
+        if hi / lo < 1 + 1e-9:
+            break
+    return (lo * hi) ** 0.5
 
 
 def fit_kernel_rate(cfg: Config, measured: dict) -> float | None:
@@ -196,35 +242,28 @@ def fit_kernel_rate(cfg: Config, measured: dict) -> float | None:
     A large copy measures the memory system; small kernels on a CPU run their arithmetic (tanh of GeLU, exp of
     softmax) and their loops below it, and on a GPU launch-bound small kernels do the same: this is the rate the
     model's own kernels reach, found by bisection on the planner's own pass formula (`StageCosts.layer`)."""
-    from dataclasses import replace
-
-    from megaloom.perf.cluster import cluster_from_text
-    from megaloom.perf.costs import Job, StageCosts
-
-    one = replace(cfg, parallel=replace(cfg.parallel, tp=1, pp=1, dp=1, chunks=1, zero=0, sequence_parallel=False,
-                                        layers_per_stage=[]),
-                  train=replace(cfg.train, global_batch=cfg.train.micro_batch))
-    cluster = cluster_from_text(render_cluster({**measured, "world": 1, "links": {}, "kernel_gbps": None}, "fit"),
-                                "the calibration being written")
+    fit = {**measured, "world": 1, "links": {}, "kernel_gbps": None, "tp_latency_us": None}
     target = measured["layer_seconds"]
-
-    def layer(gbps: float) -> float:
-        device = replace(cluster.device, kernel_gbps=gbps)
-        costs = StageCosts(Job.from_config(one, replace(cluster, measured=device), 1))
-        return costs.layer.forward + costs.layer.backward
-
     lo, hi = measured["copy_gbps"] * 1e-4, measured["copy_gbps"] * 1e4
-    if target <= 0 or layer(hi) >= target:
+    if target <= 0 or _planner_layer(cfg, fit, 1, kernel_gbps=hi) >= target:
         return None
-    for _ in range(200):  # layer() falls as the rate rises: bisect on its logarithm
-        mid = (lo * hi) ** 0.5
-        if layer(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo < 1 + 1e-9:
-            break
-    return (lo * hi) ** 0.5
+    return _bisect_log(lambda gbps: _planner_layer(cfg, fit, 1, kernel_gbps=gbps), target, lo, hi)
+
+
+def fit_tp_latency(cfg: Config, measured: dict) -> float | None:
+    """The latency (seconds per ring step) at which the planner's all-reduces make its layer at tp = the world
+    (forward + backward + collectives, this device's measured GEMMs, kernel rate and fixed costs) last the
+    `tp_layer_seconds` megaloom's own tensor-parallel layer measured; the all-reduce's bandwidth stays the
+    sweep's. None where even zero latency leaves the planner's layer slower (then the sweep's alpha stands).
+
+    Back to back, with the ranks already in step, a collective costs its latency and bytes; inside a step it
+    also waits for the rank whose compute ran longer, and on a host whose processes share the cores the wake-up
+    of a waiting rank is part of it: this is the latency a step pays, found on the planner's own layer formula."""
+    tp, target = measured["world"], measured.get("tp_layer_seconds", 0.0)
+    fit = {**measured, "tp_latency_us": None}
+    if target <= 0 or _planner_layer(cfg, fit, tp, intra_latency_us=0.0) >= target:
+        return None
+    return _bisect_log(lambda us: _planner_layer(cfg, fit, tp, intra_latency_us=us), target, 1e-3, 1e6) * 1e-6
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -238,9 +277,11 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def measure_collectives(device: torch.device, repeats: int = 5) -> dict[str, dict]:
-    """Per operation over the whole world: the measured (bytes, seconds) points and the alpha (s)
-    and beta (bytes/s) of the planner's formula fitted to them."""
+    """Per operation over the whole world, back to back: the measured (bytes, seconds) points and the alpha
+    (s) and beta (bytes/s) of the planner's formula fitted to them. (What a collective costs inside a step,
+    where the ranks arrive apart, is `fit_tp_latency`'s.)"""
     n, rank = dist.get_world_size(), dist.get_rank()
+    reps = max(30, 6 * repeats)  # a mean of a heavy-tailed time needs more repetitions than a median
     out: dict[str, dict] = {}
     for op in ("all_reduce", "all_gather", "p2p"):
         points = []
@@ -260,7 +301,7 @@ def measure_collectives(device: torch.device, repeats: int = 5) -> dict[str, dic
                         dist.recv(x, 0)
                         dist.send(x, 0)
             dist.barrier()
-            seconds = torch.tensor(_median_seconds(fn, device, repeats), device=device)
+            seconds = torch.tensor(_mean_seconds(fn, device, reps), device=device)
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest rank finishes the collective
             if op == "p2p":
                 seconds = seconds / 2  # one way of the round trip
@@ -290,14 +331,19 @@ def calibrate(out: Path, cfg: Config, command: str, repeats: int = 5) -> dict:
     overheads = measure_overheads(cfg, device, repeats)
     layer = measure_layer(cfg, device, repeats)
     links = measure_collectives(device, repeats) if world > 1 else {}
+    # megaloom's layer with the whole world as one tensor-parallel group, where the heads divide
+    tp_layer = measure_layer(cfg, device, repeats, tp=world) if world > 1 and world in tps else 0.0
     cpu = f"cpu ({platform.processor() or platform.machine()})"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, world))
     measured = {"device": name, "world": world, "dtype": str(dtype).removeprefix("torch."), "gemms": gemms,
                 "copy_gbps": copy / 1e9, "overheads": overheads, "host_bound": device.type == "cpu",
-                "memory_gib": memory / 2**30, "links": links, "layer_seconds": layer}
+                "memory_gib": memory / 2**30, "links": links, "layer_seconds": layer,
+                "tp_layer_seconds": tp_layer, "tp_latency_us": None}
     measured["kernel_gbps"] = fit_kernel_rate(cfg, measured)
+    latency = fit_tp_latency(cfg, measured) if links else None
+    measured["tp_latency_us"] = latency * 1e6 if latency is not None else None
     if rank == 0:
         out.write_text(render_cluster(measured, command), encoding="utf-8")
     return measured
@@ -309,7 +355,7 @@ def render_cluster(measured: dict, command: str) -> str:
     links = measured["links"]
     lines = [
         f"# Written by `{command}` on {today}: {measured['device']}, {measured['world']} process(es),",
-        f"# {measured['dtype']} GEMMs. Every figure below was measured by that command (medians of timed",
+        f"# {measured['dtype']} GEMMs. Every figure below was measured by that command (means of timed",
         "# repetitions after warm-up); see megaloom/perf/calibrate.py.",
         'gpu = "measured"',
         f"gpus_per_node = {measured['world']}",
@@ -317,10 +363,17 @@ def render_cluster(measured: dict, command: str) -> str:
     ]
     if "all_reduce" in links:
         ar = links["all_reduce"]
-        lines += [f"# all-reduce over {measured['world']} processes, fitted: alpha {ar['alpha_us']:.2f} us, "
+        fitted = measured.get("tp_latency_us")
+        lines += [f"# all-reduce over {measured['world']} processes back to back, fitted: alpha {ar['alpha_us']:.2f} us, "
                   f"beta {ar['beta_gbs']:.3f} GB/s",
                   f"intra_node_gbs = {ar['beta_gbs']:.6g}",
-                  f"intra_latency_us = {ar['alpha_us']:.6g}",
+                  *([f"# megaloom's layer at tp = {measured['world']}, forward + backward: "
+                     f"{measured['tp_layer_seconds'] * 1e3:.6g} ms"] if measured.get("tp_layer_seconds") else []),
+                  *(["# the latency per ring step that makes the planner's layer at that tp take as long: what a",
+                     "# step pays for a collective (calibrate.fit_tp_latency)",
+                     f"intra_latency_us = {fitted:.6g}"] if fitted is not None else
+                    ["# (no tensor-parallel layer fitted: the back-to-back alpha stands)",
+                     f"intra_latency_us = {ar['alpha_us']:.6g}"]),
                   "collective_base_us = 0.0  # the fitted alpha holds the whole latency of the measured world",
                   "intra_efficiency = 1.0  # beta is the achieved bandwidth itself"]
         for op in ("all_gather", "p2p"):

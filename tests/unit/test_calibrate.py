@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from megaloom.cli import main
 from megaloom.config import load_config
-from megaloom.perf.calibrate import calibrate, fit_kernel_rate, fit_line, planner_gemm_shapes
+from megaloom.perf.calibrate import calibrate, fit_kernel_rate, fit_line, fit_tp_latency, planner_gemm_shapes, render_cluster
 from megaloom.perf.cluster import load_cluster
 from megaloom.perf.collectives import Collective, collective_seconds
 from megaloom.perf.costs import Job, StageCosts
@@ -76,6 +76,37 @@ def test_the_fitted_kernel_rate_gives_the_measured_layer_back():
     assert fit_kernel_rate(cfg, _measured(cfg, 1e-6)) is None
 
 
+def test_the_fitted_tp_latency_gives_the_measured_tensor_parallel_layer_back(tmp_path):
+    """`intra_latency_us` is the ring-step latency at which the planner's layer at tp = the world (forward +
+    backward, its all-reduces inside, the file's GEMMs, kernel rate and fixed costs) takes what megaloom's own
+    tensor-parallel layer measured; the back-to-back all-reduce's alpha stays a comment. A layer faster than the
+    planner's at zero latency leaves nothing to fit: the back-to-back alpha stands."""
+    cfg = load_config(None, TINY)
+    two = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=2),
+                              train=dataclasses.replace(cfg.train, global_batch=cfg.train.micro_batch))
+    links = {"all_reduce": {"alpha_us": 50.0, "beta_gbs": 2.0}, "all_gather": {"alpha_us": 60.0, "beta_gbs": 1.0},
+             "p2p": {"alpha_us": 40.0, "beta_gbs": 3.0}}
+    for tp_layer in (4e-3, 9e-3):
+        measured = {**_measured(cfg, 2e-3), "world": 2, "links": links, "tp_layer_seconds": tp_layer}
+        measured["gemms"] = [(m, n, k, 0.05) for m, n, k in planner_gemm_shapes(cfg, [1, 2])]
+        measured["kernel_gbps"] = fit_kernel_rate(cfg, measured)
+        latency = fit_tp_latency(cfg, measured)
+        assert latency is not None and latency > 0
+        measured["tp_latency_us"] = latency * 1e6
+        out = tmp_path / "fit.toml"
+        out.write_text(render_cluster(measured, "test"), encoding="utf-8")
+        c = load_cluster(str(out))
+        assert c.intra_latency_us == pytest.approx(latency * 1e6, rel=1e-5)
+        assert "back to back, fitted: alpha 50.00 us" in out.read_text(encoding="utf-8")
+        layer = StageCosts(Job.from_config(two, c, 2)).layer
+        assert layer.tp_comm > 0 and layer.forward + layer.backward == pytest.approx(tp_layer, rel=1e-5)
+    fast = {**_measured(cfg, 2e-3), "world": 2, "links": links, "tp_layer_seconds": 1e-6, "tp_latency_us": None}
+    fast["gemms"] = [(m, n, k, 0.05) for m, n, k in planner_gemm_shapes(cfg, [1, 2])]
+    assert fit_tp_latency(cfg, fast) is None
+    out.write_text(render_cluster(fast, "test"), encoding="utf-8")
+    assert load_cluster(str(out)).intra_latency_us == pytest.approx(50.0)
+
+
 def _costs(device, cfg):
     cluster = dataclasses.replace(load_cluster("dgx-h100"), measured=device)
     return Job.from_config(cfg, cluster), StageCosts(Job.from_config(cfg, cluster))
@@ -139,6 +170,7 @@ def test_two_processes_fit_the_planner_formula(tmp_path):
     c = load_cluster(str(out))
     assert c.gpus_per_node == 2 and c.intra_node_gbs > 0 and c.intra_latency_us >= 0 and c.intra_efficiency == 1.0
     assert "all_gather: alpha" in text and "p2p: alpha" in text
+    assert "megaloom's layer at tp = 2, forward + backward" in text  # the heads divide over the world
     alpha, beta = c.intra_latency_us * 1e-6, c.intra_node_gbs * 1e9
     for size in (4096.0, 2**20):
         assert collective_seconds(c, Collective.ALL_REDUCE, size, (0, 1)) == pytest.approx(
