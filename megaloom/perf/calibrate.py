@@ -21,14 +21,18 @@ What the planner would otherwise take from a data sheet and an assumption, measu
   point-to-point send over the whole world at sizes from 4 KiB to 4 MiB, each fitted by least
   squares to the alpha-beta model the planner uses (`collectives.py`: ring all-reduce
   2(n-1)·alpha + 2(n-1)/n·S/beta, ring all-gather (n-1)·alpha + (n-1)/n·S/beta, p2p alpha + S/beta);
-  the file gets the all-reduce's alpha and beta as the node's link (one node of n processes).
+  the file gets the all-reduce's beta as the node's link (one node of n processes).
+- What a collective costs inside a step (`fit_tp_latency`), when the process count divides the heads:
+  megaloom's layer with the whole world as one tensor-parallel group, forward + backward, and the latency
+  per ring step at which the planner's layer at that tp takes as long; back to back the ranks are already
+  in step, inside a step a collective also waits for the later rank. The file's link latency is this one,
+  the back-to-back alpha a comment beside it.
 
 Every figure in the file is a mean of timed repetitions after warm-up, with the command, the device and
 the date written beside it: a step adds up many operations, so what it takes is the sum of their expected
 times, and a heavy-tailed operation's median is well under its mean (gloo's small all-reduce on this
-2-core machine: median 0.76 ms, mean 1.52 ms over 1,000 repetitions). Collectives are timed as a step
-runs them, each after a stretch of compute on every rank (`measure_collectives`). Nothing is fitted to
-a planner row.
+2-core machine: median 0.76 ms, mean 1.52 ms over 1,000 repetitions). Nothing is fitted to a planner
+row: the two fits are to megaloom's own layer, measured here.
 """
 
 from __future__ import annotations
