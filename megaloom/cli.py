@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("info", help="parameters, FLOPs per token and memory estimate of a config")
     _config_args(p)
-    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
-                   help="activation recomputation assumed by the memory estimate")
+    p.add_argument("--recompute", choices=["none", "selective", "full"],
+                   help="activation recomputation assumed by the memory estimate (default: the config's train.recompute)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_info)
 

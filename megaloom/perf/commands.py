@@ -39,16 +39,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    g = p.add_argument_group("layout (d = gpus / (tp·pp))")
-    g.add_argument("--tp", type=int, default=1, metavar="T")
-    g.add_argument("--pp", type=int, default=1, metavar="P")
-    g.add_argument("--microbatch", type=int, default=1, metavar="b")
-    g.add_argument("--chunks", type=int, default=1, metavar="v", help="model chunks per rank (interleaved 1F1B)")
-    g.add_argument("--recompute", choices=RECOMPUTE, default="none")
-    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g = p.add_argument_group("layout (d = gpus / (tp·pp); with --config each defaults to the file's parallel.* "
+                             "and train.micro_batch / train.recompute, else to 1, none, ZeRO 0)")
+    g.add_argument("--tp", type=int, metavar="T")
+    g.add_argument("--pp", type=int, metavar="P")
+    g.add_argument("--microbatch", type=int, metavar="b")
+    g.add_argument("--chunks", type=int, metavar="v", help="model chunks per rank (interleaved 1F1B)")
+    g.add_argument("--recompute", choices=RECOMPUTE)
+    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3])
+    g.add_argument("--sequence-parallel", action="store_true", default=None)
     g.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb-h1"],
-                   help="pipeline schedule (default 1f1b, interleaved when --chunks > 1)")
+                   help="pipeline schedule (default 1f1b, interleaved when --chunks > 1; with --config the file's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated pipeline to this PNG")
 
@@ -117,18 +118,34 @@ def _setup(args: argparse.Namespace):  # noqa: ANN202
     return model, cluster, batch, RECIPES[args.recipe], cfg
 
 
+def _layout_flags(args: argparse.Namespace, cfg: Config | None) -> dict:
+    """The layout `simulate` models: each flag given, else the --config file's value (parallel.*,
+    train.micro_batch, train.recompute), else tp = pp = b = v = 1, no recomputation, ZeRO 0, the default schedule."""
+    if cfg is None:
+        base = {"tp": 1, "pp": 1, "microbatch": 1, "chunks": 1, "recompute": "none", "zero": 0,
+                "sequence_parallel": False, "schedule": ""}
+    else:
+        par = cfg.parallel
+        base = {"tp": par.tp, "pp": par.pp, "microbatch": cfg.train.micro_batch, "chunks": par.chunks,
+                "recompute": cfg.train.recompute, "zero": par.zero, "sequence_parallel": par.sequence_parallel,
+                "schedule": "" if par.schedule == "1f1b" else par.schedule}  # "": 1f1b, interleaved when v > 1
+    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in base.items()}
+
+
 def simulate_command(args: argparse.Namespace) -> int:
     from megaloom.perf.simulator import simulate_job
 
     model, cluster, batch, recipe, cfg = _setup(args)
-    if args.gpus % (args.tp * args.pp):
-        raise ConfigError(f"--gpus ({args.gpus}) must be a multiple of --tp x --pp ({args.tp} x {args.pp} = "
-                          f"{args.tp * args.pp}), since d = gpus / (tp·pp)")
+    f = _layout_flags(args, cfg)
+    tp, pp = f["tp"], f["pp"]
+    if args.gpus % (tp * pp):
+        raise ConfigError(f"--gpus ({args.gpus}) must be a multiple of --tp x --pp ({tp} x {pp} = "
+                          f"{tp * pp}), since d = gpus / (tp·pp)")
     split = tuple(cfg.parallel.layers_per_stage) if cfg else ()
-    if len(split) != args.pp * args.chunks:  # the file's uneven split is for its own pp x chunks
+    if len(split) != pp * f["chunks"]:  # the file's uneven split is for its own pp x chunks
         split = ()
-    layout = Layout(args.tp, args.pp, args.gpus // (args.tp * args.pp), args.microbatch, args.chunks, args.recompute,
-                    args.zero, args.sequence_parallel, args.schedule or "", split)
+    layout = Layout(tp, pp, args.gpus // (tp * pp), f["microbatch"], f["chunks"], f["recompute"], f["zero"],
+                    f["sequence_parallel"], f["schedule"], split)
     precision = args.precision or (cfg.train.precision if cfg else "bf16")
     sim = simulate_job(Job(model, cluster, args.gpus, batch, layout, recipe, precision))
     report = sim.report()

@@ -13,8 +13,10 @@ from megaloom.perf.costs import MEGALOOM, Job, StageCosts
 GIB = 2**30
 
 
-def info_report(cfg: Config, recompute: str = "none") -> dict:
+def info_report(cfg: Config, recompute: str | None = None) -> dict:
+    """Parameters, FLOPs and the memory per GPU of `cfg`'s layout (recomputation: `recompute`, else the config's)."""
     m, t = cfg.model, cfg.train
+    recompute = recompute or t.recompute
     l, h, a, s, V = m.layers, m.hidden, m.heads, m.seq_len, m.vocab_size
     actual = count_parameters(m)
     is_paper_arch = m.family == "gpt2" and m.ffn == 4 * h

@@ -37,6 +37,24 @@ def test_simulate_text_from_a_config(capsys):
     assert "s/step" in out and "GiB model state" in out
 
 
+def test_simulate_of_a_config_models_the_files_layout_as_info_does(capsys):
+    """Without layout flags `simulate --config` models the file's layout (train.micro_batch 8 of gpt-1.3b.toml,
+    its recomputation, parallel.*): with megaloom's program its memory is exactly `info`'s; a layout flag beside
+    the file overrides its value."""
+    assert main(["info", "configs/gpt-1.3b.toml", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["memory"]
+    assert main(["simulate", "--config", "configs/gpt-1.3b.toml", "--gpus", "1", "--recipe", "megaloom", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["microbatch"], r["recompute"], r["tp"], r["pp"], r["zero"]) == (8, info["recompute"], 1, 1, 0)
+    assert r["memory_per_gpu_gib"] == pytest.approx(info["total_gib"], rel=1e-9)
+    assert main(["simulate", "--config", "configs/gpt-1.3b.toml", "--gpus", "2", "--recipe", "megaloom", "--microbatch",
+                 "2", "--recompute", "full", "--zero", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["microbatch"], r["recompute"], r["zero"], r["dp"]) == (2, "full", 1, 2)
+    assert main(["info", "configs/gpt-1.3b.toml", "--set", "train.recompute=full", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"]["recompute"] == "full"  # the file's, without the flag
+
+
 def test_plan_json(capsys):
     assert main(["plan", *MODEL, "--cluster", "dgx-h100", "--gpus", "16", "--global-batch", "256",
                  "--tp", "2", "--top", "3", "--json"]) == 0
