@@ -370,3 +370,16 @@ def test_qlora_run_loads_for_eval_and_generate_on_its_nf4_base(tiny, tmp_path, m
             assert main(["quantize", str(source), str(tmp_path / out), "--method", "int8-weight"]) == 0
         q_run, q_merged = (load_quantized(tmp_path / out)[0] for out in ("q-run", "q-merged"))
         torch.testing.assert_close(q_run(tokens), q_merged(tokens), rtol=0, atol=1e-5)
+        # so does `megaloom prune`: the run's merged model is pruned, masks and all, as its merged export is
+        from megaloom.train.checkpoint import full_tensors
+
+        for source, out in ((run, "p-run"), (tmp_path / "merged", "p-merged")):
+            assert main(["prune", str(source), str(tmp_path / out), "--method", "magnitude", "--sparsity", "0.5"]) == 0
+        (w_run, m_run), (w_merged, m_merged) = ((full_tensors(tmp_path / out, "model/"), full_tensors(tmp_path / out,
+                                                                                                   "mask/"))
+                                                for out in ("p-run", "p-merged"))
+        assert m_run.keys() == m_merged.keys() and len(m_run) > 0
+        assert not any(".lora." in k or "magnitude" in k for k in w_run)  # the adapters are folded in, not kept
+        for name, mask in m_run.items():
+            assert torch.equal(mask, m_merged[name]), name
+            torch.testing.assert_close(w_run[name], w_merged[name], rtol=0, atol=1e-6)
