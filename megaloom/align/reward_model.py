@@ -63,7 +63,7 @@ def load_reward_model(cfg: Config, trainer: Any, parts: Parts | None) -> Any:
     policy's layout, in eval mode. Collective: every rank calls it."""
     from megaloom.align.reward import RewardObjective
     from megaloom.train.assemble import build_parallel_model
-    from megaloom.train.checkpoint import check_model_keys, find_checkpoint, load, saved_keys
+    from megaloom.train.checkpoint import check_model_keys, find_checkpoint, load, load_peft_run
     from megaloom.train.sharded_state import model_entries
 
     run = Path(cfg.rl.reward)
@@ -91,22 +91,18 @@ def load_reward_model(cfg: Config, trainer: Any, parts: Parts | None) -> Any:
     ckpt = find_checkpoint(run, share=(trainer.grid.rank, trainer.grid.world_size), gather=trainer.checkpointer.gather)
     if ckpt is None:
         raise ConfigError(f"rl.reward = '{run}' holds no checkpoint; train the reward model first")
-    state = model_entries(pm.model)
-    base = {k: v for k, v in state.items() if k.removeprefix("model/") not in trained} if adapt is not None else {}
-    state = {k: v for k, v in state.items() if k not in base}
-    check_model_keys(ckpt, state, group)
-    if adapt is not None:
-        if "peft_base" not in saved_keys(ckpt):
-            raise ConfigError(f"rl.reward = '{run}': checkpoint {ckpt} holds no adapters although the run's "
-                              f"peft.method = '{method}'; give the run directory it was trained in")
-        state["peft_base"] = None
-    with torch.no_grad():
-        objects = load(ckpt, state, group)
-        if adapt is not None:  # the adapters were trained on this base: it comes from the run's source
-            adapt.check(objects["peft_base"], ckpt)
-            if weights is not None:
-                weights(base)
-            adapt.loaded(pm.model, fresh=False)  # an NF4 base (QLoRA) is quantized as the run's was
+    if adapt is not None:  # what the run trained from its checkpoint, the base it was trained on from its source
+        chunks = list(pm.model) if isinstance(pm.model, nn.ModuleList) else [pm.model]
+        ids = {id(p) for chunk in chunks for name, p in chunk.named_parameters() if name in trained}
+        missing = (f"rl.reward = '{run}': checkpoint {ckpt} holds no adapters although the run's peft.method = "
+                   f"'{method}'; give the run directory it was trained in")
+        load_peft_run(ckpt, pm.model, lambda p: id(p) in ids, lambda p: id(p) not in ids, adapt, weights, group,
+                      missing=missing)
+    else:
+        state = model_entries(pm.model)
+        check_model_keys(ckpt, state, group)
+        with torch.no_grad():
+            load(ckpt, state, group)
     pm.model.eval()
     return pm
 

@@ -24,7 +24,7 @@ from megaloom.model import build_model
 from megaloom.model.transformer import Transformer
 from megaloom.parallel.grid import ProcessGrid
 from megaloom.train.assemble import ParallelModel, build_parallel_model
-from megaloom.train.checkpoint import check_model_keys, latest_checkpoint, load
+from megaloom.train.checkpoint import check_model_keys, latest_checkpoint, load, load_peft_run
 from megaloom.train.sharded_state import Sharded, model_entries
 
 if TYPE_CHECKING:
@@ -87,13 +87,9 @@ def fill_model(model: torch.nn.Module, cfg: Config, ckpt: Path | None,
         if adapt is None:
             raise ValueError(f"fill_model: {ckpt} is a peft.method = '{cfg.peft.method}' run; pass the PEFT hook the "
                              "model was built with (adapt=_peft_hook(cfg))")
-        if cfg.model.pretrained:
-            PretrainedWeights(cfg.model)(model_entries(model, lambda p: not getattr(p, "adapter", False)))
-        state = model_entries(model, lambda p: getattr(p, "adapter", False))
-        check_model_keys(ckpt, state, group)
-        with torch.no_grad():
-            load(ckpt, state, group)
-            adapt.loaded(model, fresh=False)  # not fresh: DoRA's magnitudes and peft.init's adapters are in ckpt
+        adapter = lambda p: getattr(p, "adapter", False)  # noqa: E731
+        load_peft_run(ckpt, model, adapter, lambda p: not adapter(p), adapt,
+                      PretrainedWeights(cfg.model) if cfg.model.pretrained else None, group)
         return
     state = model_entries(model)
     if ckpt is None:

@@ -27,6 +27,7 @@ import re
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,35 @@ def check_model_keys(ckpt: Path, wanted: dict[str, Sharded], group: dist.Process
         if saved[k] != tuple(sharded.shape):
             raise CheckpointError(f"checkpoint {ckpt} holds a different model: {k[6:]} has shape {saved[k]} there "
                                   f"but {tuple(sharded.shape)} here; set the model.* keys of its config.toml")
+
+
+def load_peft_run(ckpt: Path, model: torch.nn.Module, saved: Callable, base: Callable, adapt: Any,
+                  weights: Callable | None = None, group: dist.ProcessGroup | None = None,
+                  extra: dict[str, Any] | None = None, missing: str = "") -> tuple[dict[str, Any], str | None, str]:
+    """Fill a PEFT model from its run's checkpoint, as every reader of one does (resume, eval and generate, a
+    distillation teacher, PPO's reward model). From `ckpt`: the parameters `saved` selects (the adapters and
+    whatever else the run trained, a score or value head) and the `extra` entries (resume: the optimizer
+    state); the checkpoint's record of the base its adapters were trained on, checked against the hook's
+    (`adapt.check`, one line otherwise); the parameters `base` selects from `weights` (model.pretrained's
+    loader; None: the seed's initialisation they hold); then the hook's last steps once the base holds its
+    weights (`adapt.loaded(model, fresh=False)`: DoRA's magnitudes come from the checkpoint, an NF4 base is
+    quantized as the run's was). `missing`: the error when `ckpt` holds no PEFT run's adapters.
+    Returns load()'s objects, what `weights` and the hook said. Collective over `group`."""
+    from megaloom.train.sharded_state import model_entries
+
+    state = model_entries(model, saved)
+    check_model_keys(ckpt, state, group)
+    if "peft_base" not in saved_keys(ckpt):
+        raise CheckpointError(missing or f"checkpoint {ckpt} holds no adapters of a PEFT run; load it without "
+                                         "peft.method, or give the PEFT run's own checkpoint")
+    state["peft_base"] = None
+    state.update(extra or {})
+    with torch.no_grad():
+        objects = load(ckpt, state, group)
+        adapt.check(objects["peft_base"], ckpt)
+        said = weights(model_entries(model, base)) if weights is not None else None
+        return objects, said, adapt.loaded(model, fresh=False)
+
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:

@@ -19,7 +19,15 @@ import torch
 
 from megaloom.config import to_toml
 from megaloom.model.dropout import LayoutDropout
-from megaloom.train.checkpoint import CheckpointError, check_model_keys, find_checkpoint, load, read_manifest, saved_keys
+from megaloom.train.checkpoint import (
+    CheckpointError,
+    check_model_keys,
+    find_checkpoint,
+    load,
+    load_peft_run,
+    read_manifest,
+    saved_keys,
+)
 from megaloom.train.sharded_state import init_optimizer_state, model_entries, optimizer_entries, set_optimizer_step
 
 
@@ -73,29 +81,30 @@ class RunState:
             self._adapted(fresh=True)
             self._truncate_metrics(0)
             return
-        state = model_entries(self.model, self.saved)
-        check_model_keys(ckpt, state, self.checkpointer.group)
-        saved = saved_keys(ckpt)
-        if self.adapt is not None:
-            state["peft_base"] = None
-            if "peft_base" not in saved:
-                raise CheckpointError(f"checkpoint {ckpt} holds no adapters of a PEFT run (peft.method = "
-                                      f"'{self.cfg.peft.method}' here); start it with model.pretrained instead")
+        saved, group = saved_keys(ckpt), self.checkpointer.group
         full = "train" in saved  # else weights only (e.g. `megaloom convert` of a safetensors file)
+        extra: dict = {}
         if full:
             init_optimizer_state(self.optimizer)
-            state.update(optimizer_entries(self.model, self.optimizer)[0])
-            state["train"] = None
+            extra.update(optimizer_entries(self.model, self.optimizer)[0])
+            extra["train"] = None
             mine = f"rank/{self.grid.rank:05d}"
             if mine in saved:
-                state[mine] = None
-        with torch.no_grad():
-            objects = load(ckpt, state, self.checkpointer.group)
-        if self.adapt is not None:
-            self.adapt.check(objects["peft_base"], ckpt)
-            if self.weights is not None:  # the checkpoint holds the adapters; the frozen base comes from its source
-                self.console.print(f"    loaded {self.weights(model_entries(self.model, self.base))}")
-            self._adapted(fresh=False)
+                extra[mine] = None
+        if self.adapt is not None:  # the checkpoint holds the adapters; the frozen base comes from its source
+            missing = (f"checkpoint {ckpt} holds no adapters of a PEFT run (peft.method = '{self.cfg.peft.method}' "
+                       "here); start it with model.pretrained instead")
+            objects, said, peft_said = load_peft_run(ckpt, self.model, self.saved, self.base, self.adapt, self.weights,
+                                                     group, extra, missing)
+            if said:
+                self.console.print(f"    loaded {said}")
+            if peft_said:
+                self.console.print(f"    peft: {peft_said}")
+        else:
+            state = model_entries(self.model, self.saved)
+            check_model_keys(ckpt, state, group)
+            with torch.no_grad():
+                objects = load(ckpt, {**state, **extra}, group)
         if not full:
             self.console.print(f"    loaded the weights of {ckpt} (no optimizer state: starting at step 0)")
             self._truncate_metrics(0)
