@@ -1,5 +1,6 @@
 """Benchmark, run by hand: the planner with a cluster file `megaloom calibrate` wrote on this machine,
-against `megaloom train` on the same machine, 2 CPU processes, at (t, p, d) = (2, 1, 1) and (1, 2, 1).
+against `megaloom train` on the same machine, 2 CPU processes, at (t, p, d) = (2, 1, 1), (1, 2, 1) and
+(1, 1, 2) without ZeRO and under ZeRO-3.
 
     .venv/bin/python -m bench.calibrated_cpu [--config configs/debug.toml] [--steps 12] [--rounds 3]
 
@@ -24,6 +25,11 @@ from pathlib import Path
 
 PY = sys.executable
 TORCHRUN = str(Path(PY).with_name("torchrun"))
+# (t, p, d) = (2, 1, 1) and (1, 2, 1), which the planner issue asks for, and d = 2 without ZeRO and under ZeRO-3
+LAYOUTS = (("t2 p1 d1", ["parallel.tp=2"], ["--tp", "2"]),
+           ("t1 p2 d1", ["parallel.pp=2"], ["--pp", "2"]),
+           ("d2 z0", ["parallel.dp=2"], []),
+           ("d2 z3", ["parallel.dp=2", "parallel.zero=3"], ["--zero", "3"]))
 QUIET = ["--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "log.plot=false"]
 
 
@@ -49,8 +55,7 @@ def main() -> None:
         cluster = work / f"calibrated-{k}.toml"
         _run([TORCHRUN, "--nproc_per_node", "2", "-m", "megaloom", "calibrate", "--out", str(cluster),
               "--config", args.config])
-        for name, sets, flags in (("t2 p1 d1", ["parallel.tp=2"], ["--tp", "2"]),
-                                  ("t1 p2 d1", ["parallel.pp=2"], ["--pp", "2"])):
+        for name, sets, flags in LAYOUTS:
             measured, predicted, state, state_predicted = _one(args, work / f"{name.replace(' ', '')}-{k}", cluster,
                                                                sets, flags)
             rows_by_layout.setdefault(name, []).append((measured, predicted))

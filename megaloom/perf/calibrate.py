@@ -182,7 +182,63 @@ def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[s
     gemm = _mean_seconds(lambda: a @ a.T, device, n)
     for key, count in GEMMS_PER_PASS.items():
         out[key] -= count * gemm
-    return {k: max(0.0, out[k]) for k in OVERHEADS}
+    return {k: max(0.0, out[k]) for k in OVERHEADS if k in out}  # the FSDP units': measure_fsdp_overheads
+
+
+def measure_fsdp_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[str, float]:
+    """What one FSDP2 unit of megaloom's ZeRO-3 adds to a layer's forward and backward (`fsdp_unit_forward`,
+    `fsdp_unit_backward`, seconds), the whole world as the data-parallel group: the model family and options of
+    `cfg` at the negligible size of `measure_overheads`, built by megaloom's own assembly at ZeRO-3 and at ZeRO-0
+    on the same grid, each at 1 and OVERHEAD_LAYERS layers, all four taking turns, forward and backward timed
+    with the reduce-scatter on (the step's last micro-batch); per unit, the ZeRO-3 depth difference less the
+    ZeRO-0 one. It holds the unit's gathers and reduce-scatter of a few bytes: `calibrate` takes out what the
+    planner's own collective formula gives them, so that the planner does not count their latency twice.
+    Collective: every rank calls it."""
+    from dataclasses import replace
+
+    from megaloom.parallel.grid import ProcessGrid
+    from megaloom.train.assemble import build_parallel_model
+
+    world = dist.get_world_size()
+    tiny = replace(cfg.model, hidden=2 * cfg.model.heads, ffn_hidden=8, vocab_size=8, seq_len=2)
+    x = torch.zeros(1, 2, dtype=torch.long, device=device)
+    models = {}
+    for zero in (0, 3):
+        for k in (1, OVERHEAD_LAYERS):
+            c = replace(cfg, model=replace(tiny, layers=k),
+                        parallel=replace(cfg.parallel, tp=1, pp=1, dp=world, zero=zero, chunks=1, layers_per_stage=[],
+                                         sequence_parallel=False))
+            pm = build_parallel_model(c, ProcessGrid.from_config(c.parallel, c.model), device)
+            if pm.fsdp is not None:
+                pm.fsdp.gradient_sync(True)  # as the step's last micro-batch: the backward reduce-scatters
+            models[zero, k] = pm.model
+    times: dict[tuple, list[float]] = {}
+    for _ in range(max(20, 10 * repeats) + 3):
+        for key, mod in models.items():
+            box: list[torch.Tensor] = []
+
+            def forward(mod: torch.nn.Module = mod, box: list = box) -> None:
+                with autocast(cfg.train.precision, device):
+                    box.append(mod(x, x))
+
+            times.setdefault((*key, "forward"), []).append(_timed(forward, device))
+            times.setdefault((*key, "backward"), []).append(_timed(lambda box=box: box[0].backward(), device))
+            mod.zero_grad(set_to_none=False)
+    mean = {k: statistics.fmean(v[3:]) for k, v in times.items()}
+    per = {p: ((mean[3, OVERHEAD_LAYERS, p] - mean[3, 1, p]) - (mean[0, OVERHEAD_LAYERS, p] - mean[0, 1, p]))
+           / (OVERHEAD_LAYERS - 1) for p in ("forward", "backward")}
+    worst = torch.tensor([per["forward"], per["backward"]], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # every unit waits for the slowest rank's collectives
+    return {"fsdp_unit_forward": float(worst[0]), "fsdp_unit_backward": float(worst[1]),
+            "unit_parameters": _tiny_layer_parameters(tiny)}
+
+
+def _tiny_layer_parameters(model_cfg) -> float:
+    from dataclasses import replace
+
+    from megaloom.model import count_parameters
+
+    return float(count_parameters(replace(model_cfg, layers=2)) - count_parameters(replace(model_cfg, layers=1)))
 
 
 def measure_layer(cfg: Config, device: torch.device, repeats: int, tp: int = 1) -> float:
@@ -270,6 +326,22 @@ def fit_tp_latency(cfg: Config, measured: dict) -> float | None:
     return _bisect_log(lambda us: _planner_layer(cfg, fit, tp, intra_latency_us=us), target, 1e-3, 1e6) * 1e-6
 
 
+def fsdp_beyond_collectives(cfg: Config, measured: dict, fsdp: dict) -> dict[str, float]:
+    """`measure_fsdp_overheads`' per-unit figures less what the planner's collectives on the file's link give the
+    tiny unit (forward: its all-gather; backward: all-gather and reduce-scatter), never below 0."""
+    from megaloom.perf.cluster import cluster_from_text
+    from megaloom.perf.collectives import Collective, collective_seconds
+
+    cluster = cluster_from_text(render_cluster(measured, "fit"), "the calibration being written")
+    group, n = tuple(range(measured["world"])), fsdp["unit_parameters"]
+    wire = 4 if cfg.train.precision == "fp32" else 2
+    grad = 2 if cfg.parallel.grad_reduce_dtype == "bf16" else 4
+    gather = collective_seconds(cluster, Collective.ALL_GATHER, n * wire, group)
+    scatter = collective_seconds(cluster, Collective.REDUCE_SCATTER, n * grad, group)
+    return {"fsdp_unit_forward": max(0.0, fsdp["fsdp_unit_forward"] - gather),
+            "fsdp_unit_backward": max(0.0, fsdp["fsdp_unit_backward"] - gather - scatter)}
+
+
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares (intercept, slope) of t = a + b·S over (S, t) points; a is kept >= 0."""
     n = len(points)
@@ -337,6 +409,7 @@ def calibrate(out: Path, cfg: Config, command: str, repeats: int = 5) -> dict:
     links = measure_collectives(device, repeats) if world > 1 else {}
     # megaloom's layer with the whole world as one tensor-parallel group, where the heads divide
     tp_layer = measure_layer(cfg, device, repeats, tp=world) if world > 1 and world in tps else 0.0
+    fsdp = measure_fsdp_overheads(cfg, device, repeats) if world > 1 else {}
     cpu = f"cpu ({platform.processor() or platform.machine()})"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
@@ -348,6 +421,8 @@ def calibrate(out: Path, cfg: Config, command: str, repeats: int = 5) -> dict:
     measured["kernel_gbps"] = fit_kernel_rate(cfg, measured)
     latency = fit_tp_latency(cfg, measured) if links else None
     measured["tp_latency_us"] = latency * 1e6 if latency is not None else None
+    if fsdp:
+        measured["overheads"].update(fsdp_beyond_collectives(cfg, measured, fsdp))
     if rank == 0:
         out.write_text(render_cluster(measured, command), encoding="utf-8")
     return measured
@@ -405,7 +480,7 @@ def render_cluster(measured: dict, command: str) -> str:
         "# microseconds megaloom's program spends per pass beyond its arithmetic (dispatch, autograd, Python),",
         "# timed on the same model family at a negligible size (megaloom/perf/calibrate.py measure_overheads)",
         "[measured_device.overheads_us]",
-        *(f"{k} = {measured['overheads'][k] * 1e6:.6g}" for k in OVERHEADS),
+        *(f"{k} = {measured['overheads'][k] * 1e6:.6g}" for k in OVERHEADS if k in measured["overheads"]),
     ]
     return "\n".join(lines) + "\n"
 

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil, log
 
-# the fixed costs per pass `megaloom calibrate` measures (calibrate.measure_overheads)
+# the fixed costs per pass `megaloom calibrate` measures (calibrate.measure_overheads); the last two, what one
+# FSDP2 unit of megaloom's ZeRO-3 adds to a layer's forward and backward beyond its collectives' own time
+# (calibrate.measure_fsdp_overheads), only when calibrate ran on several processes
 OVERHEADS = ("layer_forward", "layer_backward", "embedding_forward", "embedding_backward", "head_forward",
-             "head_backward", "optimizer_layer", "optimizer_base")
+             "head_backward", "optimizer_layer", "optimizer_base", "fsdp_unit_forward", "fsdp_unit_backward")
 
 
 @dataclass(frozen=True)

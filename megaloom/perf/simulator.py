@@ -16,7 +16,10 @@ in lockstep):
   all-gathers the updated weights after the optimizer; ZeRO-2/3 (FSDP2) gather each layer's weights
   one layer ahead of its compute, in forward (and ZeRO-3 again in backward), on a communication
   stream that hides them only behind the compute there is (`fsdp_pass_seconds`), and reduce-scatter
-  once per step behind the last backward;
+  once per step behind the last backward; on a device `megaloom calibrate` measured, each FSDP2 unit
+  also costs its measured host work (`fsdp_unit_forward`/`_backward`);
+- on a host-bound device (a CPU, one process per core) nothing overlaps: the cores that compute are the
+  ones that move the bytes, so gathers and gradient reductions add to the compute;
 - the optimizer step reads and writes the (sharded) fp32 state at the achieved memory bandwidth (and on
   a device `megaloom calibrate` measured, its fixed cost per step and per layer held).
 """
@@ -312,7 +315,15 @@ def pass_seconds(job: Job, costs: StageCosts, stage: int, code: int) -> float:
     group, wire = dp_group(job, 0), job.activation_bytes  # gathered in the compute dtype
     gather = collective_seconds(job.cluster, Collective.ALL_GATHER, costs.layer_rank_parameters * wire, group)
     gather_root = collective_seconds(job.cluster, Collective.ALL_GATHER, root * wire, group) if root else 0.0
-    return fsdp_pass_seconds(layers, per_layer, d - layers * per_layer, gather, gather_root)
+    dev = job.cluster.device
+    # FSDP2's own work per unit (hooks, copy-in and copy-out, the reduce-scatter's setup), measured by calibrate on
+    # ZeRO-3 (ZeRO-2's backward, which does not gather again, is not measured: only its forward's is counted)
+    unit = dev.overhead("fsdp_unit_forward" if code == _F else "fsdp_unit_backward") if lay.zero == 3 or code == _F \
+        else 0.0
+    if dev.host_bound:  # the cores that compute are the ones that move the bytes: nothing hides
+        return d + gather_root + layers * gather + (layers + (1 if root else 0)) * unit
+    # on a GPU a unit's host work runs while the unit before it computes: it only shows when it is the longer
+    return fsdp_pass_seconds(layers, max(per_layer, unit), d - layers * per_layer, gather, gather_root)
 
 
 def fsdp_pass_seconds(layers: int, per_layer: float, root: float, gather: float, gather_root: float) -> float:
@@ -348,6 +359,12 @@ def finish_step(job: Job, costs: StageCosts, r: int, finish: float,
     if d > 1 and lay.zero == 0 and not job.recipe.overlap_grad_reduce:
         # one all-reduce of the whole gradient buffer once the pipeline is done (Megatron-LM 2021)
         comm_free = finish + collective_seconds(c, Collective.ALL_REDUCE, params * grad, group)
+    elif d > 1 and c.device.host_bound:
+        # a host-bound device (a CPU, one process per core) has no idle core to move the bytes while it computes:
+        # each chunk's reduction runs after the backward, one after another
+        op = Collective.ALL_REDUCE if lay.zero == 0 else Collective.REDUCE_SCATTER
+        comm_free = finish + sum(collective_seconds(c, op, costs.stage_parameters(virtual_stage(r, ch, lay.pp)) * grad,
+                                                    group) for ch in range(len(last_backward)))
     elif d > 1:
         op = Collective.ALL_REDUCE if lay.zero == 0 else Collective.REDUCE_SCATTER
         for ch, (start, end) in sorted(enumerate(last_backward), key=lambda x: x[1][1]):

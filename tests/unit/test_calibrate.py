@@ -7,7 +7,15 @@ import torch.distributed as dist
 
 from megaloom.cli import main
 from megaloom.config import load_config
-from megaloom.perf.calibrate import calibrate, fit_kernel_rate, fit_line, fit_tp_latency, planner_gemm_shapes, render_cluster
+from megaloom.perf.calibrate import (
+    calibrate,
+    fit_kernel_rate,
+    fit_line,
+    fit_tp_latency,
+    fsdp_beyond_collectives,
+    planner_gemm_shapes,
+    render_cluster,
+)
 from megaloom.perf.cluster import load_cluster
 from megaloom.perf.collectives import Collective, collective_seconds
 from megaloom.perf.costs import Job, StageCosts
@@ -38,7 +46,8 @@ def test_one_process_writes_the_gemms_it_measured(tmp_path, capsys):
     # the program's fixed costs per pass, measured, each in the file and read back
     text = out.read_text(encoding="utf-8")
     assert "[measured_device.overheads_us]" in text and "host_bound = true" in text
-    assert [k for k, _ in c.device.overheads] == list(OVERHEADS) and c.device.host_bound
+    fsdp = ("fsdp_unit_forward", "fsdp_unit_backward")  # measured only on several processes
+    assert [k for k, _ in c.device.overheads] == [k for k in OVERHEADS if k not in fsdp] and c.device.host_bound
     assert all(v >= 0 for _, v in c.device.overheads) and sum(v for _, v in c.device.overheads) > 0
     # megaloom's layer at the config's shapes, measured, and the kernel rate fitted to it where there is one (at
     # this tiny size the fixed costs may already account for the whole layer; the fit: the test below)
@@ -107,6 +116,50 @@ def test_the_fitted_tp_latency_gives_the_measured_tensor_parallel_layer_back(tmp
     assert load_cluster(str(out)).intra_latency_us == pytest.approx(50.0)
 
 
+def test_zero3_on_a_host_adds_its_gathers_reductions_and_fsdp_units_by_hand(tmp_path):
+    """On a host-bound device (a CPU, one process per core) nothing hides behind compute: a ZeRO-3 pass is its
+    compute, every unit's all-gather and every unit's measured FSDP2 cost (the layers' and the root's); the
+    reduce-scatters follow the backward. On a GPU the same units overlap as `fsdp_pass_seconds` says, a unit's
+    host work showing only where it is longer than its layer. calibrate's FSDP figures are what it measured
+    less the planner's own collectives for the tiny unit."""
+    from megaloom.perf.simulator import _B, _F, finish_step, fsdp_pass_seconds, pass_seconds
+    from megaloom.perf.traffic import dp_group
+
+    cfg = load_config(None, [*TINY, "model.layers=3", "parallel.dp=2", "parallel.zero=3", "train.global_batch=4"])
+    links = {"all_reduce": {"alpha_us": 50.0, "beta_gbs": 2.0}, "all_gather": {"alpha_us": 60.0, "beta_gbs": 1.0},
+             "p2p": {"alpha_us": 40.0, "beta_gbs": 3.0}}
+    measured = {**_measured(cfg, 2e-3), "world": 2, "links": links}
+    measured["overheads"].update(fsdp_unit_forward=7e-4, fsdp_unit_backward=1.1e-3)
+    out = tmp_path / "z3.toml"
+    out.write_text(render_cluster(measured, "test"), encoding="utf-8")
+    c = load_cluster(str(out))
+    job = Job.from_config(cfg, c, 2)
+    costs = StageCosts(job)
+    layers, unit_params = 3, costs.layer_rank_parameters
+    root = costs.stage_parameters(0) - layers * unit_params
+    group = dp_group(job, 0)
+    gather = collective_seconds(c, Collective.ALL_GATHER, unit_params * 4, group)
+    gather_root = collective_seconds(c, Collective.ALL_GATHER, root * 4, group)
+    ch = costs.chunk(0)
+    assert pass_seconds(job, costs, 0, _F) == pytest.approx(ch.forward + gather_root + 3 * gather + 4 * 7e-4)
+    assert pass_seconds(job, costs, 0, _B) == pytest.approx(ch.backward + gather_root + 3 * gather + 4 * 1.1e-3)
+    end, exposed, _ = finish_step(job, costs, 0, 1.0, [(0.5, 1.0)])
+    assert exposed == pytest.approx(collective_seconds(c, Collective.REDUCE_SCATTER, costs.stage_parameters(0) * 4,
+                                                       group))
+    gpu = dataclasses.replace(c, measured=dataclasses.replace(c.device, host_bound=False))
+    gjob = Job.from_config(cfg, gpu, 2)
+    gcosts = StageCosts(gjob)
+    per_layer = gcosts.layer.forward
+    assert pass_seconds(gjob, gcosts, 0, _F) == pytest.approx(fsdp_pass_seconds(
+        3, max(per_layer, 7e-4), gcosts.chunk(0).forward - 3 * per_layer, gather, gather_root))
+    # calibrate's figures: the measured unit less the planner's all-gather (and, backward, reduce-scatter) of it
+    fsdp = {"fsdp_unit_forward": 2e-3, "fsdp_unit_backward": 3e-3, "unit_parameters": 500.0}
+    beyond = fsdp_beyond_collectives(cfg, measured, fsdp)
+    ag = collective_seconds(c, Collective.ALL_GATHER, 500 * 4, (0, 1))
+    rs = collective_seconds(c, Collective.REDUCE_SCATTER, 500 * 4, (0, 1))
+    assert beyond == pytest.approx({"fsdp_unit_forward": 2e-3 - ag, "fsdp_unit_backward": 3e-3 - ag - rs})
+
+
 def _costs(device, cfg):
     cluster = dataclasses.replace(load_cluster("dgx-h100"), measured=device)
     return Job.from_config(cfg, cluster), StageCosts(Job.from_config(cfg, cluster))
@@ -171,6 +224,7 @@ def test_two_processes_fit_the_planner_formula(tmp_path):
     assert c.gpus_per_node == 2 and c.intra_node_gbs > 0 and c.intra_latency_us >= 0 and c.intra_efficiency == 1.0
     assert "all_gather: alpha" in text and "p2p: alpha" in text
     assert "megaloom's layer at tp = 2, forward + backward" in text  # the heads divide over the world
+    assert [k for k, _ in c.device.overheads] == list(OVERHEADS)  # with the FSDP units' fixed costs
     alpha, beta = c.intra_latency_us * 1e-6, c.intra_node_gbs * 1e9
     for size in (4096.0, 2**20):
         assert collective_seconds(c, Collective.ALL_REDUCE, size, (0, 1)) == pytest.approx(
