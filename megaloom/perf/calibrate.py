@@ -127,14 +127,9 @@ def _time_depths(model_cfg, cfg: Config, device: torch.device, x: torch.Tensor, 
     from megaloom.train.optim import build_optimizer
 
     precision = cfg.train.precision
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def timed(fn: Callable[[], object]) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
+        return _timed(fn, device)
 
     models = [build_model(replace(model_cfg, layers=k), cfg.train.seed, device, tp) for k in (1, OVERHEAD_LAYERS)]
     opts = [build_optimizer(mod, cfg.train) for mod in models]
