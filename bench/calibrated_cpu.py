@@ -1,6 +1,6 @@
 """Benchmark, run by hand: the planner with a cluster file `megaloom calibrate` wrote on this machine,
 against `megaloom train` on the same machine, 2 CPU processes, at (t, p, d) = (2, 1, 1), (1, 2, 1) and
-(1, 1, 2) without ZeRO and under ZeRO-3.
+(1, 1, 2) without ZeRO, under ZeRO-2 and under ZeRO-3.
 
     .venv/bin/python -m bench.calibrated_cpu [--config configs/debug.toml] [--steps 12] [--rounds 3]
 
@@ -25,10 +25,11 @@ from pathlib import Path
 
 PY = sys.executable
 TORCHRUN = str(Path(PY).with_name("torchrun"))
-# (t, p, d) = (2, 1, 1) and (1, 2, 1), which the planner issue asks for, and d = 2 without ZeRO and under ZeRO-3
+# (t, p, d) = (2, 1, 1) and (1, 2, 1), which the planner issue asks for, and d = 2 without ZeRO, ZeRO-2 and ZeRO-3
 LAYOUTS = (("t2 p1 d1", ["parallel.tp=2"], ["--tp", "2"]),
            ("t1 p2 d1", ["parallel.pp=2"], ["--pp", "2"]),
            ("d2 z0", ["parallel.dp=2"], []),
+           ("d2 z2", ["parallel.dp=2", "parallel.zero=2"], ["--zero", "2"]),
            ("d2 z3", ["parallel.dp=2", "parallel.zero=3"], ["--zero", "3"]))
 QUIET = ["--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "log.plot=false"]
 

@@ -181,35 +181,39 @@ def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[s
 
 
 def measure_fsdp_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[str, float]:
-    """What one FSDP2 unit of megaloom's ZeRO-3 adds to a layer's forward and backward (`fsdp_unit_forward`,
-    `fsdp_unit_backward`, seconds), the whole world as the data-parallel group: the model family and options of
-    `cfg` at the negligible size of `measure_overheads`, built by megaloom's own assembly at ZeRO-3 and at ZeRO-0
-    on the same grid, each at 1 and OVERHEAD_LAYERS layers, all four taking turns, forward and backward timed
-    with the reduce-scatter on (the step's last micro-batch); per unit, the ZeRO-3 depth difference less the
-    ZeRO-0 one. It holds the unit's gathers and reduce-scatter of a few bytes: `calibrate` takes out what the
-    planner's own collective formula gives them, so that the planner does not count their latency twice.
-    Collective: every rank calls it."""
+    """What one FSDP2 unit of megaloom's ZeRO-2/3 adds to a layer, seconds, the whole world as the data-parallel
+    group: `fsdp_unit_forward` (ZeRO-3's forward: the gather and its hooks, as ZeRO-2's), `fsdp_unit_backward`
+    (ZeRO-3's: gather again, reduce-scatter), `fsdp_unit_backward_zero2` (reduce-scatter only) and
+    `fsdp_optimizer_layer` (the optimizer's step on one layer's sharded parameters). megaloom's model at the
+    config's shapes (one micro-batch), built by megaloom's own assembly at ZeRO-0, 2 and 3 on the same grid,
+    each at 1 and OVERHEAD_LAYERS layers, all six taking turns, forward, backward (with the reduce-scatter on, as
+    the step's last micro-batch) and optimizer step timed; per unit, each depth difference less ZeRO-0's (the
+    arithmetic is the same: ZeRO shards the weights, not the work). The figures hold the unit's collectives:
+    `calibrate` takes out what the planner's own collective formula gives them (`fsdp_beyond_collectives`), so
+    that the planner does not count them twice; what is left is FSDP2's own work at these shapes (hooks,
+    copy-in and copy-out, the waits of ranks that arrive apart). Collective: every rank calls it."""
     from dataclasses import replace
 
     from megaloom.parallel.grid import ProcessGrid
     from megaloom.train.assemble import build_parallel_model
+    from megaloom.train.optim import build_optimizer
 
-    world = dist.get_world_size()
-    tiny = replace(cfg.model, hidden=2 * cfg.model.heads, ffn_hidden=8, vocab_size=8, seq_len=2)
-    x = torch.zeros(1, 2, dtype=torch.long, device=device)
+    world, m = dist.get_world_size(), cfg.model
+    x = torch.randint(0, m.vocab_size, (cfg.train.micro_batch, m.seq_len), device=device,
+                      generator=torch.Generator(device).manual_seed(0))
     models = {}
-    for zero in (0, 3):
+    for zero in (0, 2, 3):
         for k in (1, OVERHEAD_LAYERS):
-            c = replace(cfg, model=replace(tiny, layers=k),
+            c = replace(cfg, model=replace(m, layers=k),
                         parallel=replace(cfg.parallel, tp=1, pp=1, dp=world, zero=zero, chunks=1, layers_per_stage=[],
                                          sequence_parallel=False))
             pm = build_parallel_model(c, ProcessGrid.from_config(c.parallel, c.model), device)
             if pm.fsdp is not None:
                 pm.fsdp.gradient_sync(True)  # as the step's last micro-batch: the backward reduce-scatters
-            models[zero, k] = pm.model
+            models[zero, k] = (pm.model, build_optimizer(pm.model, c.train))
     times: dict[tuple, list[float]] = {}
     for _ in range(max(20, 10 * repeats) + 3):
-        for key, mod in models.items():
+        for key, (mod, opt) in models.items():
             box: list[torch.Tensor] = []
 
             def forward(mod: torch.nn.Module = mod, box: list = box) -> None:
@@ -218,17 +222,22 @@ def measure_fsdp_overheads(cfg: Config, device: torch.device, repeats: int) -> d
 
             times.setdefault((*key, "forward"), []).append(_timed(forward, device))
             times.setdefault((*key, "backward"), []).append(_timed(lambda box=box: box[0].backward(), device))
-            mod.zero_grad(set_to_none=False)
+            times.setdefault((*key, "step"), []).append(_timed(opt.step, device))
+            opt.zero_grad(set_to_none=False)
     mean = {k: statistics.fmean(v[3:]) for k, v in times.items()}
-    per = {p: ((mean[3, OVERHEAD_LAYERS, p] - mean[3, 1, p]) - (mean[0, OVERHEAD_LAYERS, p] - mean[0, 1, p]))
-           / (OVERHEAD_LAYERS - 1) for p in ("forward", "backward")}
-    worst = torch.tensor([per["forward"], per["backward"]], dtype=torch.float64)
+
+    def per_unit(zero: int, p: str) -> float:
+        deeper = (mean[zero, OVERHEAD_LAYERS, p] - mean[zero, 1, p]) - (mean[0, OVERHEAD_LAYERS, p] - mean[0, 1, p])
+        return deeper / (OVERHEAD_LAYERS - 1)
+
+    names = ("fsdp_unit_forward", "fsdp_unit_backward", "fsdp_unit_backward_zero2", "fsdp_optimizer_layer")
+    worst = torch.tensor([per_unit(3, "forward"), per_unit(3, "backward"), per_unit(2, "backward"),
+                          per_unit(3, "step")], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # every unit waits for the slowest rank's collectives
-    return {"fsdp_unit_forward": float(worst[0]), "fsdp_unit_backward": float(worst[1]),
-            "unit_parameters": _tiny_layer_parameters(tiny)}
+    return {**dict(zip(names, map(float, worst))), "unit_parameters": _layer_parameters(m)}
 
 
-def _tiny_layer_parameters(model_cfg) -> float:
+def _layer_parameters(model_cfg) -> float:
     from dataclasses import replace
 
     from megaloom.model import count_parameters
@@ -323,7 +332,8 @@ def fit_tp_latency(cfg: Config, measured: dict) -> float | None:
 
 def fsdp_beyond_collectives(cfg: Config, measured: dict, fsdp: dict) -> dict[str, float]:
     """`measure_fsdp_overheads`' per-unit figures less what the planner's collectives on the file's link give the
-    tiny unit (forward: its all-gather; backward: all-gather and reduce-scatter), never below 0."""
+    unit (forward: its all-gather; ZeRO-3's backward: all-gather and reduce-scatter; ZeRO-2's: the
+    reduce-scatter), never below 0; the optimizer's has no collective in it."""
     from megaloom.perf.cluster import cluster_from_text
     from megaloom.perf.collectives import Collective, collective_seconds
 
@@ -334,7 +344,9 @@ def fsdp_beyond_collectives(cfg: Config, measured: dict, fsdp: dict) -> dict[str
     gather = collective_seconds(cluster, Collective.ALL_GATHER, n * wire, group)
     scatter = collective_seconds(cluster, Collective.REDUCE_SCATTER, n * grad, group)
     return {"fsdp_unit_forward": max(0.0, fsdp["fsdp_unit_forward"] - gather),
-            "fsdp_unit_backward": max(0.0, fsdp["fsdp_unit_backward"] - gather - scatter)}
+            "fsdp_unit_backward": max(0.0, fsdp["fsdp_unit_backward"] - gather - scatter),
+            "fsdp_unit_backward_zero2": max(0.0, fsdp["fsdp_unit_backward_zero2"] - scatter),
+            "fsdp_optimizer_layer": max(0.0, fsdp["fsdp_optimizer_layer"])}
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil, log
 
-# the fixed costs per pass `megaloom calibrate` measures (calibrate.measure_overheads); the last two, what one
-# FSDP2 unit of megaloom's ZeRO-3 adds to a layer's forward and backward beyond its collectives' own time
-# (calibrate.measure_fsdp_overheads), only when calibrate ran on several processes
+# the fixed costs per pass `megaloom calibrate` measures (calibrate.measure_overheads); the fsdp_ ones, what one
+# FSDP2 unit of megaloom's ZeRO-2/3 adds to a layer's forward, backward (ZeRO-3, ZeRO-2) and optimizer step beyond
+# its collectives' own time (calibrate.measure_fsdp_overheads), only when calibrate ran on several processes
 OVERHEADS = ("layer_forward", "layer_backward", "embedding_forward", "embedding_backward", "head_forward",
-             "head_backward", "optimizer_layer", "optimizer_base", "fsdp_unit_forward", "fsdp_unit_backward")
+             "head_backward", "optimizer_layer", "optimizer_base", "fsdp_unit_forward", "fsdp_unit_backward",
+             "fsdp_unit_backward_zero2", "fsdp_optimizer_layer")
 
 
 @dataclass(frozen=True)

@@ -303,25 +303,27 @@ def _run_blocking(job: Job, durations: list[list[float]], with_p2p: bool) -> Pip
 
 def pass_seconds(job: Job, costs: StageCosts, stage: int, code: int) -> float:
     """One microbatch's pass (F, B, I or W) through virtual stage `stage`: its compute, and under
-    ZeRO-2/3 the weight gathers FSDP2 puts in front of each layer (`fsdp_pass_seconds`)."""
+    ZeRO-2/3 the weight gathers FSDP2 puts in front of each layer (`fsdp_pass_seconds`) and, on a device
+    `megaloom calibrate` measured, each unit's own work (hooks, copy-in and copy-out, the reduce-scatter's setup)."""
     t = costs.chunk(stage)
     d = (t.forward, t.backward, t.backward_input, t.backward_weight)[code]
     lay = job.layout
-    if lay.zero < 2 or lay.dp == 1 or (lay.zero == 2 and code != _F) or code not in (_F, _B):
-        return d  # ZeRO-2 keeps a forward's gathered weights for the backward
+    if lay.zero < 2 or lay.dp == 1 or code not in (_F, _B):
+        return d
+    dev = job.cluster.device
+    unit = dev.overhead("fsdp_unit_forward" if code == _F else
+                        "fsdp_unit_backward" if lay.zero == 3 else "fsdp_unit_backward_zero2")
     per_layer = costs.layer.forward if code == _F else costs.layer.backward
     layers = costs.stage_layers(stage)
     root = costs.stage_parameters(stage) - layers * costs.layer_rank_parameters
+    units = layers + (1 if root else 0)
+    if lay.zero == 2 and code == _B:  # ZeRO-2 keeps a forward's gathered weights for the backward: no gathers
+        return d + units * unit if dev.host_bound else d - layers * per_layer + layers * max(per_layer, unit)
     group, wire = dp_group(job, 0), job.activation_bytes  # gathered in the compute dtype
     gather = collective_seconds(job.cluster, Collective.ALL_GATHER, costs.layer_rank_parameters * wire, group)
     gather_root = collective_seconds(job.cluster, Collective.ALL_GATHER, root * wire, group) if root else 0.0
-    dev = job.cluster.device
-    # FSDP2's own work per unit (hooks, copy-in and copy-out, the reduce-scatter's setup), measured by calibrate on
-    # ZeRO-3 (ZeRO-2's backward, which does not gather again, is not measured: only its forward's is counted)
-    unit = dev.overhead("fsdp_unit_forward" if code == _F else "fsdp_unit_backward") if lay.zero == 3 or code == _F \
-        else 0.0
     if dev.host_bound:  # the cores that compute are the ones that move the bytes: nothing hides
-        return d + gather_root + layers * gather + (layers + (1 if root else 0)) * unit
+        return d + gather_root + layers * gather + units * unit
     # on a GPU a unit's host work runs while the unit before it computes: it only shows when it is the longer
     return fsdp_pass_seconds(layers, max(per_layer, unit), d - layers * per_layer, gather, gather_root)
 
@@ -379,7 +381,9 @@ def finish_step(job: Job, costs: StageCosts, r: int, finish: float,
     opt = params / (d if lay.zero else 1) * ADAM_BYTES_PER_PARAMETER / c.device.copy_bytes_per_s
     dev = c.device
     if dev.overheads:  # the optimizer's measured fixed cost: one part per step, one per layer held
-        fixed = dev.overhead("optimizer_base") + dev.overhead("optimizer_layer") * sum(costs.rank_layers(r))
+        per_layer = dev.overhead("optimizer_layer") + (dev.overhead("fsdp_optimizer_layer") if lay.zero >= 2 and d > 1
+                                                        else 0.0)  # FSDP2's sharded parameters
+        fixed = dev.overhead("optimizer_base") + per_layer * sum(costs.rank_layers(r))
         opt = dev.with_fixed(opt, fixed)
     weights = 4 if job.recipe.fp32_weights else 2
     after = collective_seconds(c, Collective.ALL_GATHER, params * weights, group) if lay.zero == 1 and d > 1 else 0.0

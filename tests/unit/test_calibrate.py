@@ -46,7 +46,7 @@ def test_one_process_writes_the_gemms_it_measured(tmp_path, capsys):
     # the program's fixed costs per pass, measured, each in the file and read back
     text = out.read_text(encoding="utf-8")
     assert "[measured_device.overheads_us]" in text and "host_bound = true" in text
-    fsdp = ("fsdp_unit_forward", "fsdp_unit_backward")  # measured only on several processes
+    fsdp = [k for k in OVERHEADS if k.startswith("fsdp_")]  # measured only on several processes
     assert [k for k, _ in c.device.overheads] == [k for k in OVERHEADS if k not in fsdp] and c.device.host_bound
     assert all(v >= 0 for _, v in c.device.overheads) and sum(v for _, v in c.device.overheads) > 0
     # megaloom's layer at the config's shapes, measured, and the kernel rate fitted to it where there is one (at
@@ -116,12 +116,12 @@ def test_the_fitted_tp_latency_gives_the_measured_tensor_parallel_layer_back(tmp
     assert load_cluster(str(out)).intra_latency_us == pytest.approx(50.0)
 
 
-def test_zero3_on_a_host_adds_its_gathers_reductions_and_fsdp_units_by_hand(tmp_path):
+def test_zero2_and_zero3_on_a_host_add_their_gathers_reductions_and_fsdp_units_by_hand(tmp_path):
     """On a host-bound device (a CPU, one process per core) nothing hides behind compute: a ZeRO-3 pass is its
     compute, every unit's all-gather and every unit's measured FSDP2 cost (the layers' and the root's); the
     reduce-scatters follow the backward. On a GPU the same units overlap as `fsdp_pass_seconds` says, a unit's
     host work showing only where it is longer than its layer. calibrate's FSDP figures are what it measured
-    less the planner's own collectives for the tiny unit."""
+    less the planner's own collectives for the unit."""
     from megaloom.perf.simulator import _B, _F, finish_step, fsdp_pass_seconds, pass_seconds
     from megaloom.perf.traffic import dp_group
 
@@ -129,7 +129,8 @@ def test_zero3_on_a_host_adds_its_gathers_reductions_and_fsdp_units_by_hand(tmp_
     links = {"all_reduce": {"alpha_us": 50.0, "beta_gbs": 2.0}, "all_gather": {"alpha_us": 60.0, "beta_gbs": 1.0},
              "p2p": {"alpha_us": 40.0, "beta_gbs": 3.0}}
     measured = {**_measured(cfg, 2e-3), "world": 2, "links": links}
-    measured["overheads"].update(fsdp_unit_forward=7e-4, fsdp_unit_backward=1.1e-3)
+    measured["overheads"].update(fsdp_unit_forward=7e-4, fsdp_unit_backward=1.1e-3, fsdp_unit_backward_zero2=9e-4,
+                                 fsdp_optimizer_layer=3e-4)
     out = tmp_path / "z3.toml"
     out.write_text(render_cluster(measured, "test"), encoding="utf-8")
     c = load_cluster(str(out))
@@ -143,9 +144,17 @@ def test_zero3_on_a_host_adds_its_gathers_reductions_and_fsdp_units_by_hand(tmp_
     ch = costs.chunk(0)
     assert pass_seconds(job, costs, 0, _F) == pytest.approx(ch.forward + gather_root + 3 * gather + 4 * 7e-4)
     assert pass_seconds(job, costs, 0, _B) == pytest.approx(ch.backward + gather_root + 3 * gather + 4 * 1.1e-3)
-    end, exposed, _ = finish_step(job, costs, 0, 1.0, [(0.5, 1.0)])
+    end, exposed, opt = finish_step(job, costs, 0, 1.0, [(0.5, 1.0)])
     assert exposed == pytest.approx(collective_seconds(c, Collective.REDUCE_SCATTER, costs.stage_parameters(0) * 4,
                                                        group))
+    state_bytes = costs.rank_parameters(0) / 2 * 30  # fused AdamW's bytes per parameter, half the model per rank
+    assert opt == pytest.approx(state_bytes / c.device.copy_bytes_per_s + 1e-4 + 3 * (1e-4 + 3e-4))
+    # ZeRO-2: the forward gathers as ZeRO-3's, the backward keeps the gathered weights: its units' cost only
+    two = dataclasses.replace(job, layout=dataclasses.replace(job.layout, zero=2))
+    two_costs = StageCosts(two)
+    assert pass_seconds(two, two_costs, 0, _F) == pytest.approx(two_costs.chunk(0).forward + gather_root + 3 * gather
+                                                                + 4 * 7e-4)
+    assert pass_seconds(two, two_costs, 0, _B) == pytest.approx(two_costs.chunk(0).backward + 4 * 9e-4)
     gpu = dataclasses.replace(c, measured=dataclasses.replace(c.device, host_bound=False))
     gjob = Job.from_config(cfg, gpu, 2)
     gcosts = StageCosts(gjob)
@@ -153,11 +162,13 @@ def test_zero3_on_a_host_adds_its_gathers_reductions_and_fsdp_units_by_hand(tmp_
     assert pass_seconds(gjob, gcosts, 0, _F) == pytest.approx(fsdp_pass_seconds(
         3, max(per_layer, 7e-4), gcosts.chunk(0).forward - 3 * per_layer, gather, gather_root))
     # calibrate's figures: the measured unit less the planner's all-gather (and, backward, reduce-scatter) of it
-    fsdp = {"fsdp_unit_forward": 2e-3, "fsdp_unit_backward": 3e-3, "unit_parameters": 500.0}
+    fsdp = {"fsdp_unit_forward": 2e-3, "fsdp_unit_backward": 3e-3, "fsdp_unit_backward_zero2": 2.5e-3,
+            "fsdp_optimizer_layer": 4e-4, "unit_parameters": 500.0}
     beyond = fsdp_beyond_collectives(cfg, measured, fsdp)
     ag = collective_seconds(c, Collective.ALL_GATHER, 500 * 4, (0, 1))
     rs = collective_seconds(c, Collective.REDUCE_SCATTER, 500 * 4, (0, 1))
-    assert beyond == pytest.approx({"fsdp_unit_forward": 2e-3 - ag, "fsdp_unit_backward": 3e-3 - ag - rs})
+    assert beyond == pytest.approx({"fsdp_unit_forward": 2e-3 - ag, "fsdp_unit_backward": 3e-3 - ag - rs,
+                                    "fsdp_unit_backward_zero2": 2.5e-3 - rs, "fsdp_optimizer_layer": 4e-4})
 
 
 def _costs(device, cfg):
