@@ -64,7 +64,7 @@ def load_reward_model(cfg: Config, trainer: Any, parts: Parts | None) -> Any:
     from megaloom.align.reward import RewardObjective
     from megaloom.train.assemble import build_parallel_model
     from megaloom.train.checkpoint import check_model_keys, find_checkpoint, load, load_peft_run
-    from megaloom.train.sharded_state import model_entries
+    from megaloom.train.sharded_state import chunks_of, model_entries
 
     run = Path(cfg.rl.reward)
     rm_cfg = reward_config(cfg, run)
@@ -92,8 +92,7 @@ def load_reward_model(cfg: Config, trainer: Any, parts: Parts | None) -> Any:
     if ckpt is None:
         raise ConfigError(f"rl.reward = '{run}' holds no checkpoint; train the reward model first")
     if adapt is not None:  # what the run trained from its checkpoint, the base it was trained on from its source
-        chunks = list(pm.model) if isinstance(pm.model, nn.ModuleList) else [pm.model]
-        ids = {id(p) for chunk in chunks for name, p in chunk.named_parameters() if name in trained}
+        ids = {id(p) for chunk in chunks_of(pm.model) for name, p in chunk.named_parameters() if name in trained}
         missing = (f"rl.reward = '{run}': checkpoint {ckpt} holds no adapters although the run's peft.method = "
                    f"'{method}'; give the run directory it was trained in")
         load_peft_run(ckpt, pm.model, lambda p: id(p) in ids, lambda p: id(p) not in ids, adapt, weights, group,

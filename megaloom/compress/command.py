@@ -140,7 +140,7 @@ def _merge_peft(model: nn.Module, cfg: Config, merge_of: Callable | None) -> boo
 
 
 def _qat_model(args: argparse.Namespace, merge_of: Callable | None):  # noqa: ANN202
-    """`--from-qat`: the run's model in one process with its LoRA adapters merged into the base (W + s B A,
+    """`--from-qat`: the run's model in one process with its PEFT adapters merged into the base (W + s B A,
     what the fake-quantized forward's weights become), the run's [qat] scheme (a --method or --group-size
     given too must be the run's), and what to record; the config written beside the quantized model has
     neither [peft] nor [qat] any more (the adapters are in the weights, the weights are quantized)."""

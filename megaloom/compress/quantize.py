@@ -23,6 +23,7 @@ from torch import nn
 
 from megaloom.compress.schemes import Method, QuantScheme
 from megaloom.parallel.comm import TPGroup
+from megaloom.train.sharded_state import chunks_of
 
 LINEARS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 ROW_PARALLEL = ("attn.proj", "mlp.down")  # their input features are split over tp (parallel/tensor.py)
@@ -42,8 +43,7 @@ class Linear:
 
 def block_linears(model: nn.Module) -> Iterator[Linear]:
     """The linears of every transformer block this rank holds (pipeline chunks included)."""
-    chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
-    for chunk in chunks:
+    for chunk in chunks_of(model):
         for i, block in chunk.layers.items():
             for path in LINEARS:
                 module = block.get_submodule(path)

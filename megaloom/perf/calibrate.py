@@ -51,6 +51,7 @@ import torch.distributed as dist
 from megaloom.config import Config
 from megaloom.layout import vocab_rows
 from megaloom.parallel.comm import TPGroup
+from megaloom.perf.costs import Job, StageCosts
 from megaloom.perf.hardware import OVERHEADS
 from megaloom.precision import autocast
 
@@ -115,6 +116,34 @@ OVERHEAD_LAYERS = 4  # the deeper of the two tiny models; the shallower has one 
 GEMMS_PER_PASS = {"layer_forward": 4, "layer_backward": 8, "head_forward": 1, "head_backward": 2}
 
 
+def _time_turns(runs: dict, precision: str, device: torch.device, n: int) -> dict[tuple, float]:
+    """Means of forward, backward and optimizer step (`(key, "forward")`, ...) of each entry of `runs`, key ->
+    (a callable returning the loss, its optimizer or None), over n rounds after three of warm-up; the entries
+    take turns within each round, so a busy host slows them alike."""
+    times: dict[tuple, list[float]] = {}
+    for _ in range(n + 3):
+        for key, (loss, opt) in runs.items():
+            box: list[torch.Tensor] = []
+
+            def forward(loss: Callable[[], torch.Tensor] = loss, box: list = box) -> None:
+                with autocast(precision, device):
+                    box.append(loss())
+
+            times.setdefault((key, "forward"), []).append(_timed(forward, device))
+            times.setdefault((key, "backward"), []).append(_timed(lambda box=box: box[0].backward(), device))
+            if opt is not None:
+                times.setdefault((key, "step"), []).append(_timed(opt.step, device))
+                opt.zero_grad(set_to_none=False)
+    return {k: statistics.fmean(v[3:]) for k, v in times.items()}
+
+
+def _tokens(cfg: Config, device: torch.device) -> torch.Tensor:
+    """One micro-batch of token ids at the config's shapes (train.micro_batch x seq_len), the same every time."""
+    m = cfg.model
+    return torch.randint(0, m.vocab_size, (cfg.train.micro_batch, m.seq_len), device=device,
+                         generator=torch.Generator(device).manual_seed(0))
+
+
 def _time_depths(model_cfg, cfg: Config, device: torch.device, x: torch.Tensor, n: int,
                  embedding: bool = False, tp: TPGroup | None = None) -> dict[str, float]:
     """Means of forward, backward and optimizer step (`forward1`, ..., `step4`) of megaloom's model
@@ -126,37 +155,15 @@ def _time_depths(model_cfg, cfg: Config, device: torch.device, x: torch.Tensor, 
     from megaloom.model import build_model
     from megaloom.train.optim import build_optimizer
 
-    precision = cfg.train.precision
-
-    def timed(fn: Callable[[], object]) -> float:
-        return _timed(fn, device)
-
-    models = [build_model(replace(model_cfg, layers=k), cfg.train.seed, device, tp) for k in (1, OVERHEAD_LAYERS)]
-    opts = [build_optimizer(mod, cfg.train) for mod in models]
-    emb = build_model(replace(model_cfg, layers=1), cfg.train.seed, device).embed if embedding else None
-    times: dict[str, list[float]] = {}
-    for _ in range(n + 3):
-        for mod, opt, k in zip(models, opts, (1, OVERHEAD_LAYERS)):
-            box: list[torch.Tensor] = []
-
-            def forward(mod: torch.nn.Module = mod, box: list = box) -> None:
-                with autocast(precision, device):
-                    box.append(mod(x, x))
-
-            row = (timed(forward), timed(lambda box=box: box[0].backward()), timed(opt.step))
-            opt.zero_grad(set_to_none=False)
-            for name, t in zip(("forward", "backward", "step"), row):
-                times.setdefault(f"{name}{k}", []).append(t)
-        if emb is not None:
-            box = []
-
-            def embed(box: list = box) -> None:
-                with autocast(precision, device):
-                    box.append(emb(x).float().sum())
-
-            times.setdefault("embedding_forward", []).append(timed(embed))
-            times.setdefault("embedding_backward", []).append(timed(lambda box=box: box[0].backward()))
-    return {k: statistics.fmean(v[3:]) for k, v in times.items()}
+    runs: dict = {}
+    for k in (1, OVERHEAD_LAYERS):
+        mod = build_model(replace(model_cfg, layers=k), cfg.train.seed, device, tp)
+        runs[k] = (lambda mod=mod: mod(x, x), build_optimizer(mod, cfg.train))
+    if embedding:
+        emb = build_model(replace(model_cfg, layers=1), cfg.train.seed, device).embed
+        runs["embedding"] = (lambda: emb(x).float().sum(), None)
+    means = _time_turns(runs, cfg.train.precision, device, n)
+    return {f"embedding_{p}" if key == "embedding" else f"{p}{key}": t for (key, p), t in means.items()}
 
 
 def measure_overheads(cfg: Config, device: torch.device, repeats: int) -> dict[str, float]:
@@ -198,51 +205,29 @@ def measure_fsdp_overheads(cfg: Config, device: torch.device, repeats: int) -> d
     from megaloom.train.assemble import build_parallel_model
     from megaloom.train.optim import build_optimizer
 
-    world, m = dist.get_world_size(), cfg.model
-    x = torch.randint(0, m.vocab_size, (cfg.train.micro_batch, m.seq_len), device=device,
-                      generator=torch.Generator(device).manual_seed(0))
-    models = {}
+    world, x = dist.get_world_size(), _tokens(cfg, device)
+    runs = {}
     for zero in (0, 2, 3):
         for k in (1, OVERHEAD_LAYERS):
-            c = replace(cfg, model=replace(m, layers=k),
+            c = replace(cfg, model=replace(cfg.model, layers=k),
                         parallel=replace(cfg.parallel, tp=1, pp=1, dp=world, zero=zero, chunks=1, layers_per_stage=[],
                                          sequence_parallel=False))
             pm = build_parallel_model(c, ProcessGrid.from_config(c.parallel, c.model), device)
             if pm.fsdp is not None:
                 pm.fsdp.gradient_sync(True)  # as the step's last micro-batch: the backward reduce-scatters
-            models[zero, k] = (pm.model, build_optimizer(pm.model, c.train))
-    times: dict[tuple, list[float]] = {}
-    for _ in range(max(20, 10 * repeats) + 3):
-        for key, (mod, opt) in models.items():
-            box: list[torch.Tensor] = []
-
-            def forward(mod: torch.nn.Module = mod, box: list = box) -> None:
-                with autocast(cfg.train.precision, device):
-                    box.append(mod(x, x))
-
-            times.setdefault((*key, "forward"), []).append(_timed(forward, device))
-            times.setdefault((*key, "backward"), []).append(_timed(lambda box=box: box[0].backward(), device))
-            times.setdefault((*key, "step"), []).append(_timed(opt.step, device))
-            opt.zero_grad(set_to_none=False)
-    mean = {k: statistics.fmean(v[3:]) for k, v in times.items()}
+            runs[zero, k] = (lambda mod=pm.model: mod(x, x), build_optimizer(pm.model, c.train))
+    mean = _time_turns(runs, cfg.train.precision, device, max(20, 10 * repeats))
 
     def per_unit(zero: int, p: str) -> float:
-        deeper = (mean[zero, OVERHEAD_LAYERS, p] - mean[zero, 1, p]) - (mean[0, OVERHEAD_LAYERS, p] - mean[0, 1, p])
+        deeper = ((mean[(zero, OVERHEAD_LAYERS), p] - mean[(zero, 1), p])
+                  - (mean[(0, OVERHEAD_LAYERS), p] - mean[(0, 1), p]))
         return deeper / (OVERHEAD_LAYERS - 1)
 
     names = ("fsdp_unit_forward", "fsdp_unit_backward", "fsdp_unit_backward_zero2", "fsdp_optimizer_layer")
     worst = torch.tensor([per_unit(3, "forward"), per_unit(3, "backward"), per_unit(2, "backward"),
                           per_unit(3, "step")], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # every unit waits for the slowest rank's collectives
-    return {**dict(zip(names, map(float, worst))), "unit_parameters": _layer_parameters(m)}
-
-
-def _layer_parameters(model_cfg) -> float:
-    from dataclasses import replace
-
-    from megaloom.model import count_parameters
-
-    return float(count_parameters(replace(model_cfg, layers=2)) - count_parameters(replace(model_cfg, layers=1)))
+    return dict(zip(names, map(float, worst)))
 
 
 def measure_layer(cfg: Config, device: torch.device, repeats: int, tp: int = 1) -> float:
@@ -250,11 +235,8 @@ def measure_layer(cfg: Config, device: torch.device, repeats: int, tp: int = 1) 
     train.micro_batch x seq_len tokens): the difference between the model at 1 and at OVERHEAD_LAYERS layers,
     per layer; a mean over timed repetitions. tp = 1: the whole layer on each process (`fit_kernel_rate` reads
     it); tp > 1: the whole world as one tensor-parallel group, its all-reduces included (`fit_tp_latency`)."""
-    m = cfg.model
-    x = torch.randint(0, m.vocab_size, (cfg.train.micro_batch, m.seq_len), device=device,
-                      generator=torch.Generator(device).manual_seed(0))
     group = TPGroup(None, tp, dist.get_rank()) if tp > 1 else None
-    med = _time_depths(m, cfg, device, x, max(10, 8 * repeats), tp=group)
+    med = _time_depths(cfg.model, cfg, device, _tokens(cfg, device), max(10, 8 * repeats), tp=group)
     per = [(med[f"{p}{OVERHEAD_LAYERS}"] - med[f"{p}1"]) / (OVERHEAD_LAYERS - 1) for p in ("forward", "backward")]
     if tp > 1:  # every rank's share of the layer ends with the same all-reduce: the slowest rank's mean stands
         worst = torch.tensor(sum(per), dtype=torch.float64)
@@ -263,24 +245,37 @@ def measure_layer(cfg: Config, device: torch.device, repeats: int, tp: int = 1) 
     return max(0.0, sum(per))
 
 
-def _planner_layer(cfg: Config, measured: dict, tp: int, **device_or_links: float) -> float:
+def _planner_layer(cfg: Config, measured: dict, tp: int, kernel_gbps: float | None = None,
+                   intra_latency_us: float | None = None) -> float:
     """The planner's seconds for one layer (forward + backward, its tensor-parallel collectives inside) of `cfg` at
-    tensor-parallel degree `tp` on the cluster file `measured` makes, with the given Device (`kernel_gbps`) or
-    Cluster (`intra_latency_us`) fields replaced."""
+    tensor-parallel degree `tp` on the cluster file `measured` makes, with the device's `kernel_gbps` or the
+    link's `intra_latency_us` replaced where given."""
     from dataclasses import replace
 
-    from megaloom.perf.cluster import cluster_from_text
-    from megaloom.perf.costs import Job, StageCosts
-
-    one = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=1, dp=1, chunks=1, zero=0, sequence_parallel=False,
-                                        layers_per_stage=[]),
-                  train=replace(cfg.train, global_batch=cfg.train.micro_batch))
-    cluster = cluster_from_text(render_cluster(measured, "fit"), "the calibration being written")
-    device = {k: v for k, v in device_or_links.items() if k == "kernel_gbps"}
-    links = {k: v for k, v in device_or_links.items() if k != "kernel_gbps"}
-    cluster = replace(cluster, measured=replace(cluster.device, **device), **links)
-    layer = StageCosts(Job.from_config(one, cluster, tp)).layer
+    cluster = _cluster_of(measured)
+    if kernel_gbps is not None:
+        cluster = replace(cluster, measured=replace(cluster.device, kernel_gbps=kernel_gbps))
+    if intra_latency_us is not None:
+        cluster = replace(cluster, intra_latency_us=intra_latency_us)
+    layer = StageCosts(_one_micro_batch(cfg, tp=tp, dp=1, zero=0, cluster=cluster)).layer
     return layer.forward + layer.backward  # the tp collectives are inside both
+
+
+def _cluster_of(measured: dict):  # noqa: ANN202 (megaloom.perf.cluster.Cluster)
+    """The Cluster the file `measured` makes, as the planner will read it."""
+    from megaloom.perf.cluster import cluster_from_text
+
+    return cluster_from_text(render_cluster(measured, "fit"), "the calibration being written")
+
+
+def _one_micro_batch(cfg: Config, tp: int, dp: int, zero: int, cluster) -> Job:  # noqa: ANN001
+    """The planner's Job of `cfg` at (tp, pp = 1, dp) and ZeRO `zero`, one micro-batch per replica, on `cluster`."""
+    from dataclasses import replace
+
+    one = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=1, dp=dp, chunks=1, zero=zero, sequence_parallel=False,
+                                        layers_per_stage=[]),
+                  train=replace(cfg.train, global_batch=cfg.train.micro_batch * dp))
+    return Job.from_config(one, cluster, tp * dp)
 
 
 def _bisect_log(f: Callable[[float], float], target: float, lo: float, hi: float) -> float:
@@ -333,15 +328,16 @@ def fit_tp_latency(cfg: Config, measured: dict) -> float | None:
 def fsdp_beyond_collectives(cfg: Config, measured: dict, fsdp: dict) -> dict[str, float]:
     """`measure_fsdp_overheads`' per-unit figures less what the planner's collectives on the file's link give the
     unit (forward: its all-gather; ZeRO-3's backward: all-gather and reduce-scatter; ZeRO-2's: the
-    reduce-scatter), never below 0; the optimizer's has no collective in it."""
-    from megaloom.perf.cluster import cluster_from_text
+    reduce-scatter), the unit, group and dtypes as the simulator takes them; never below 0. The optimizer's
+    has no collective in it."""
     from megaloom.perf.collectives import Collective, collective_seconds
+    from megaloom.perf.traffic import dp_group
 
-    cluster = cluster_from_text(render_cluster(measured, "fit"), "the calibration being written")
-    group, n = tuple(range(measured["world"])), fsdp["unit_parameters"]
-    wire = 4 if cfg.train.precision == "fp32" else 2
-    grad = 2 if cfg.parallel.grad_reduce_dtype == "bf16" else 4
-    gather = collective_seconds(cluster, Collective.ALL_GATHER, n * wire, group)
+    cluster = _cluster_of(measured)
+    job = _one_micro_batch(cfg, tp=1, dp=measured["world"], zero=3, cluster=cluster)
+    n, group = StageCosts(job).layer_rank_parameters, dp_group(job, 0)
+    grad = 2 if job.grad_reduce_dtype == "bf16" else 4
+    gather = collective_seconds(cluster, Collective.ALL_GATHER, n * job.activation_bytes, group)
     scatter = collective_seconds(cluster, Collective.REDUCE_SCATTER, n * grad, group)
     return {"fsdp_unit_forward": max(0.0, fsdp["fsdp_unit_forward"] - gather),
             "fsdp_unit_backward": max(0.0, fsdp["fsdp_unit_backward"] - gather - scatter),

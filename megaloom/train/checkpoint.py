@@ -39,7 +39,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megaloom.errors import RunError
-from megaloom.train.sharded_state import Piece, PieceLoadPlanner, PieceSavePlanner, Sharded
+from megaloom.train.sharded_state import Piece, PieceLoadPlanner, PieceSavePlanner, Sharded, model_entries
 
 CKPT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -309,8 +309,6 @@ def load_peft_run(ckpt: Path, model: torch.nn.Module, saved: Callable, base: Cal
     weights (`adapt.loaded(model, fresh=False)`: DoRA's magnitudes come from the checkpoint, an NF4 base is
     quantized as the run's was). `missing`: the error when `ckpt` holds no PEFT run's adapters.
     Returns load()'s objects, what `weights` and the hook said. Collective over `group`."""
-    from megaloom.train.sharded_state import model_entries
-
     state = model_entries(model, saved)
     check_model_keys(ckpt, state, group)
     if "peft_base" not in saved_keys(ckpt):

@@ -24,6 +24,7 @@ from megaloom.errors import ConfigError
 from megaloom.model.init import _generator
 from megaloom.parallel.comm import TPGroup
 from megaloom.parallel.shard import ShardSpec
+from megaloom.train.sharded_state import chunks_of
 
 # peft.method -> the module that implements it (task C's methods live beside LoRA's)
 MODULES = {"lora": "megaloom.tune.lora", "dora": "megaloom.tune.lora", "ia3": "megaloom.tune.ia3",
@@ -149,11 +150,6 @@ def adapters_off(model: nn.Module) -> Iterator[None]:
     finally:
         for s in switches:
             s.on = True
-
-
-def chunks_of(model: nn.Module) -> list[nn.Module]:
-    model = getattr(model, "_orig_mod", model)
-    return list(model) if isinstance(model, nn.ModuleList) else [model]
 
 
 def peft_names(model: nn.Module, cfg: Config) -> dict[str, tuple[str, ShardSpec | None]]:

@@ -161,12 +161,13 @@ def test_zero2_and_zero3_on_a_host_add_their_gathers_reductions_and_fsdp_units_b
     per_layer = gcosts.layer.forward
     assert pass_seconds(gjob, gcosts, 0, _F) == pytest.approx(fsdp_pass_seconds(
         3, max(per_layer, 7e-4), gcosts.chunk(0).forward - 3 * per_layer, gather, gather_root))
-    # calibrate's figures: the measured unit less the planner's all-gather (and, backward, reduce-scatter) of it
+    # calibrate's figures: the measured unit less the planner's all-gather (and, backward, reduce-scatter) of it,
+    # the unit the simulator gathers (one layer, fp32 here: the config's precision and gradient dtype)
     fsdp = {"fsdp_unit_forward": 2e-3, "fsdp_unit_backward": 3e-3, "fsdp_unit_backward_zero2": 2.5e-3,
-            "fsdp_optimizer_layer": 4e-4, "unit_parameters": 500.0}
+            "fsdp_optimizer_layer": 4e-4}
     beyond = fsdp_beyond_collectives(cfg, measured, fsdp)
-    ag = collective_seconds(c, Collective.ALL_GATHER, 500 * 4, (0, 1))
-    rs = collective_seconds(c, Collective.REDUCE_SCATTER, 500 * 4, (0, 1))
+    ag = collective_seconds(c, Collective.ALL_GATHER, unit_params * 4, (0, 1))
+    rs = collective_seconds(c, Collective.REDUCE_SCATTER, unit_params * 4, (0, 1))
     assert beyond == pytest.approx({"fsdp_unit_forward": 2e-3 - ag, "fsdp_unit_backward": 3e-3 - ag - rs,
                                     "fsdp_unit_backward_zero2": 2.5e-3 - rs, "fsdp_optimizer_layer": 4e-4})
 
