@@ -31,7 +31,7 @@ What the planner would otherwise take from a data sheet and an assumption, measu
 Every figure in the file is a mean of timed repetitions after warm-up, with the command, the device and
 the date written beside it: a step adds up many operations, so what it takes is the sum of their expected
 times, and a heavy-tailed operation's median is well under its mean (gloo's small all-reduce on this
-2-core machine: median 0.76 ms, mean 1.52 ms over 1,000 repetitions). Nothing is fitted to a planner
+2-core machine: median 0.76 ms, mean 1.52 ms over 1,000 repetitions, `bench/gloo_tail.py`). Nothing is fitted to a planner
 row: the two fits are to megaloom's own layer, measured here.
 """
 
