@@ -33,6 +33,16 @@ def test_fit_line_is_least_squares():
     assert (a, b) == pytest.approx((1.0, 2.0))
 
 
+def test_timings_are_means_not_medians(monkeypatch):
+    """A step adds up many operations, so calibrate reports each one's mean time: a heavy-tailed repetition
+    counts (timings faked: 1, 1, 1, 1 and 6 ms, mean 2, median 1)."""
+    import megaloom.perf.calibrate as cal
+
+    durations = iter([1e-3, 1e-3, 1e-3, 1e-3, 6e-3])
+    monkeypatch.setattr(cal, "_timed", lambda fn, device: next(durations))
+    assert cal._mean_seconds(lambda: None, None, repeats=5, warmup=0) == pytest.approx(2e-3)
+
+
 def test_one_process_writes_the_gemms_it_measured(tmp_path, capsys):
     out = tmp_path / "here.toml"
     assert main(["calibrate", "--out", str(out), "--repeats", "1", *sum((["--set", s] for s in TINY), [])]) == 0

@@ -104,6 +104,9 @@ def test_lora_run_checkpoint_resume_export_merge(tiny, tmp_path, capsys):
         _train(resumed, other, "checkpoint.every=2", f"data.dir='{tmp_path / 'corpus-other'}'", steps=6)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another base model: hash is" in err[0], err
+    # so does reading the adapters for eval or generate on that base (interop's fill_model, load_peft_run)
+    with pytest.raises(ConfigError, match="another base model: hash is"):
+        load_model(run, overrides=[f"model.pretrained='{other}'"])
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
